@@ -1,0 +1,1 @@
+"""The DICOM face of pocketpacs: Verification and Storage SCP over pynetdicom."""

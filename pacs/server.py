@@ -1,0 +1,60 @@
+"""The DICOM listener: Verification and Storage SCP for every storage SOP class and
+transfer syntax pynetdicom knows, data sets received straight to disk (chunked)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs.handlers import DicomContext, Identify, bindings
+from storage.spool import Spool
+
+log = logging.getLogger("pocketpacs.dicom")
+
+MAXIMUM_ASSOCIATIONS = 64
+
+
+class DicomServer:
+    """One AE title on one port, storing through the ingest spool."""
+
+    def __init__(
+        self, ae_title: str, host: str, port: int, spool: Spool, identify: Identify
+    ) -> None:
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+        self.context = DicomContext(spool=spool, identify=identify)
+        self._server: ThreadedAssociationServer | None = None
+
+    def _application_entity(self) -> AE:
+        ae = AE(ae_title=self.ae_title)
+        # Unlimited PDU: DCMTK peers then send their largest PDUs, fewer to decode.
+        ae.maximum_pdu_size = 0
+        ae.maximum_associations = MAXIMUM_ASSOCIATIONS
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for uid in _STORAGE_CLASSES.values():
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> None:
+        """Listen in background threads; received data is written under the spool."""
+        # Data sets are written to a temporary file as they arrive, never held whole in
+        # memory, and that file must be on the spool's filesystem so it can be linked
+        # into the spool without a copy.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.context.spool.incoming)
+        self._server = self._application_entity().start_server(
+            (self.host, self.port), block=False, evt_handlers=bindings(self.context)
+        )
+        self.port = self._server.server_address[1]
+        log.info("DICOM listener %s on %s:%d", self.ae_title, self.host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -1,0 +1,5 @@
+import sys
+
+from pocketpacs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""Put the archive together from settings: object store (embedded or external), index,
+ingest pipeline, and for `serve` the spool, the DICOM listener and the HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import uvicorn
+
+from pacs.server import DicomServer
+from pocketpacs.settings import Settings
+from storage.embedded_s3 import EmbeddedS3
+from storage.index import Index
+from storage.ingest import IngestPipeline
+from storage.objects import ObjectStore, ObjectStoreUnavailable
+from storage.spool import Spool
+from viewer_api.app import create_app
+from viewer_api.deps import Services
+
+log = logging.getLogger("pocketpacs")
+
+# The one institution of a development archive (`--open`), and of every caller until the
+# node registry maps AE titles to institutions.
+DEFAULT_INSTITUTION = "default"
+
+
+@dataclass
+class Core:
+    objects: ObjectStore
+    index: Index
+    pipeline: IngestPipeline
+
+
+def _wait_for_bucket(objects: ObjectStore, timeout: float = 30.0) -> None:
+    """A freshly started S3 server may refuse requests for a moment after its banner."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            objects.ensure_bucket()
+            return
+        except ObjectStoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+@contextmanager
+def open_core(settings: Settings) -> Iterator[Core]:
+    """Object store and index ready to use; the embedded S3 server runs while inside."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    embedded = EmbeddedS3(settings.data_dir) if settings.embedded_s3 else None
+    index: Index | None = None
+    try:
+        if embedded is not None:
+            endpoint = embedded.start()
+            access_key, secret_key = (
+                embedded.credentials.access_key,
+                embedded.credentials.secret_key,
+            )
+            secure = False
+        else:
+            endpoint = settings.s3_endpoint or ""
+            access_key, secret_key = settings.s3_access_key or "", settings.s3_secret_key or ""
+            secure = settings.s3_secure
+        objects = ObjectStore(endpoint, access_key, secret_key, settings.s3_bucket, secure)
+        _wait_for_bucket(objects)
+        index = Index(settings.index_url)
+        index.migrate()
+        yield Core(objects=objects, index=index, pipeline=IngestPipeline(objects, index))
+    finally:
+        if index is not None:
+            index.dispose()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _terminate_as_interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def serve(settings: Settings) -> None:
+    """Run everything until Ctrl-C or SIGTERM, then stop cleanly, embedded S3 included."""
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    with open_core(settings) as core:
+        spool = Spool(
+            settings.data_dir / "spool",
+            core.pipeline,
+            workers=settings.ingest_workers,
+            limit_bytes=settings.spool_limit_mb * 1024 * 1024,
+        )
+        replayed = spool.replay()
+        if replayed:
+            log.info("stored %d instances left in the spool by the previous run", replayed)
+        spool.start()
+        dicom = DicomServer(
+            settings.ae_title,
+            settings.host,
+            settings.dicom_port,
+            spool,
+            identify=lambda _calling_ae, _address: DEFAULT_INSTITUTION,
+        )
+        dicom.start()
+        app = create_app(Services(objects=core.objects, index=core.index, spool=spool))
+        http = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.http_port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=10,
+            )
+        )
+        log.info(
+            "pocketpacs ready: DICOM %s@%s:%d, HTTP http://%s:%d, data in %s",
+            settings.ae_title,
+            settings.host,
+            dicom.port,
+            settings.host,
+            settings.http_port,
+            settings.data_dir.resolve(),
+        )
+        try:
+            http.run()
+        finally:
+            log.info("stopping: closing the DICOM listener and draining the spool")
+            dicom.stop()
+            spool.stop()

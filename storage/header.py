@@ -1,0 +1,287 @@
+"""Read and validate a Part 10 file's header: the boundary where bad input is stopped.
+
+Validation happens here, once, before anything is written (PS3.10 7.1 file meta, PS3.5 9.1
+UID syntax). Pixel data is never loaded: its element is only checked to be complete, so a
+500 MB multi-frame instance is validated in constant memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+# PS3.5 6.2: VRs whose explicit-VR header has a 4-byte length after 2 reserved bytes.
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+_ITEM = 0xFFFEE000
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class Rejection(enum.Enum):
+    """Why an instance is refused; each maps to one PS3.4 B.2.3 failure status."""
+
+    CANNOT_UNDERSTAND = "cannot understand"  # 0xC000: not parseable
+    DOES_NOT_MATCH_SOP_CLASS = "does not match SOP class"  # 0xA900: required attribute wrong
+
+
+class InvalidInstance(ValueError):
+    """The data set is refused at the boundary; `reason` is the Error Comment."""
+
+    def __init__(self, reason: str, kind: Rejection) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes the index records for one instance, with validated UIDs."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: date | None
+    patient_sex: str
+    study_date: date | None
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician_name: str
+    institution_name: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    series_date: date | None
+    series_time: str
+    instance_number: int | None
+    number_of_frames: int | None
+    rows: int | None
+    columns: int | None
+    specific_character_set: str
+
+
+def valid_uid(value: object) -> bool:
+    """PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters."""
+    return isinstance(value, str) and UID(value).is_valid
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _date(ds: Dataset, keyword: str) -> date | None:
+    """A DA value as a date, or None when absent or not a real date (never a rejection)."""
+    raw = _text(ds, keyword)
+    if len(raw) != 8 or not raw.isdigit():
+        return None
+    try:
+        return date(int(raw[:4]), int(raw[4:6]), int(raw[6:]))
+    except ValueError:
+        return None
+
+
+def _check_pixel_data_complete(
+    handle: BinaryIO, size: int, big_endian: bool, implicit: bool
+) -> None:
+    """Raise unless the element at the handle's position (pixel data) ends inside the file."""
+    start = handle.tell()
+    if start >= size:
+        return  # no pixel data: a header-only object such as an SR
+    endian = ">" if big_endian else "<"
+    head = handle.read(8)
+    if len(head) < 8:
+        raise InvalidInstance("truncated at the pixel data element", Rejection.CANNOT_UNDERSTAND)
+    group, element = struct.unpack(endian + "HH", head[:4])
+    if implicit:
+        (length,) = struct.unpack(endian + "L", head[4:])
+        value_start = start + 8
+    elif head[4:6] in _LONG_VRS:
+        extra = handle.read(4)
+        if len(extra) < 4:
+            raise InvalidInstance(
+                "truncated at the pixel data element", Rejection.CANNOT_UNDERSTAND
+            )
+        (length,) = struct.unpack(endian + "L", extra)
+        value_start = start + 12
+    else:
+        (length,) = struct.unpack(endian + "H", head[6:])
+        value_start = start + 8
+    if (group, element) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
+        return
+    if length != _UNDEFINED_LENGTH:
+        if value_start + length > size:
+            raise InvalidInstance(
+                f"truncated: pixel data needs {length} bytes, file has {size - value_start}",
+                Rejection.CANNOT_UNDERSTAND,
+            )
+        return
+    # Encapsulated (PS3.5 A.4): items up to a sequence delimiter, walked by their headers only.
+    position = value_start
+    while True:
+        handle.seek(position)
+        item = handle.read(8)
+        if len(item) < 8:
+            raise InvalidInstance(
+                "truncated: encapsulated pixel data has no sequence delimiter",
+                Rejection.CANNOT_UNDERSTAND,
+            )
+        tag_group, tag_element, item_length = struct.unpack("<HHL", item)
+        tag = (tag_group << 16) | tag_element
+        if tag == _SEQUENCE_DELIMITER:
+            return
+        if tag != _ITEM or item_length == _UNDEFINED_LENGTH:
+            raise InvalidInstance(
+                f"malformed encapsulated pixel data at byte {position}", Rejection.CANNOT_UNDERSTAND
+            )
+        position += 8 + item_length
+        if position > size:
+            raise InvalidInstance(
+                "truncated: an encapsulated pixel data fragment runs past the end of the file",
+                Rejection.CANNOT_UNDERSTAND,
+            )
+
+
+def read_header(
+    path: Path,
+    expected_sop_class_uid: str | None = None,
+    expected_sop_instance_uid: str | None = None,
+) -> InstanceHeader:
+    """Parse and validate a Part 10 file without loading its pixel data.
+
+    `expected_*` are the UIDs a C-STORE request named; the data set must agree with them.
+    Raises `InvalidInstance` with the reason a modality's operator would need.
+    """
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            ds = dcmread(handle, stop_before_pixels=True)
+            meta = ds.file_meta
+            transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+            if transfer_syntax == DeflatedExplicitVRLittleEndian:
+                # The whole data set is one deflate stream: parse it all to prove it is whole.
+                handle.seek(0)
+                dcmread(handle)
+            else:
+                implicit, little_endian = ds.original_encoding
+                _check_pixel_data_complete(
+                    handle, size, big_endian=little_endian is False, implicit=bool(implicit)
+                )
+    except InvalidInstance:
+        raise
+    except InvalidDicomError as exc:
+        raise InvalidInstance(f"not a DICOM file: {exc}", Rejection.CANNOT_UNDERSTAND) from exc
+    except (EOFError, struct.error) as exc:
+        raise InvalidInstance("truncated data set", Rejection.CANNOT_UNDERSTAND) from exc
+    except Exception as exc:  # pydicom raises many types for malformed input
+        raise InvalidInstance(
+            f"unparsable data set: {type(exc).__name__}: {exc}"[:200], Rejection.CANNOT_UNDERSTAND
+        ) from exc
+
+    if not transfer_syntax:
+        raise InvalidInstance(
+            "no Transfer Syntax UID in the file meta", Rejection.CANNOT_UNDERSTAND
+        )
+    if not valid_uid(transfer_syntax):
+        raise InvalidInstance("invalid Transfer Syntax UID", Rejection.CANNOT_UNDERSTAND)
+
+    uids: dict[str, str] = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        try:
+            value = ds.get(keyword)
+        except Exception as exc:
+            raise InvalidInstance(f"unreadable {keyword}", Rejection.CANNOT_UNDERSTAND) from exc
+        if value in (None, ""):
+            raise InvalidInstance(f"missing {keyword}", Rejection.DOES_NOT_MATCH_SOP_CLASS)
+        if not valid_uid(str(value)):
+            raise InvalidInstance(
+                f"invalid {keyword}: {str(value)[:32]!r}", Rejection.DOES_NOT_MATCH_SOP_CLASS
+            )
+        uids[keyword] = str(value)
+
+    if expected_sop_class_uid and uids["SOPClassUID"] != expected_sop_class_uid:
+        raise InvalidInstance(
+            "SOP Class UID differs from the C-STORE request", Rejection.DOES_NOT_MATCH_SOP_CLASS
+        )
+    if expected_sop_instance_uid and uids["SOPInstanceUID"] != expected_sop_instance_uid:
+        raise InvalidInstance(
+            "SOP Instance UID differs from the C-STORE request", Rejection.DOES_NOT_MATCH_SOP_CLASS
+        )
+
+    try:
+        return InstanceHeader(
+            sop_class_uid=uids["SOPClassUID"],
+            sop_instance_uid=uids["SOPInstanceUID"],
+            study_instance_uid=uids["StudyInstanceUID"],
+            series_instance_uid=uids["SeriesInstanceUID"],
+            transfer_syntax_uid=transfer_syntax,
+            patient_id=_text(ds, "PatientID"),
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_date(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            study_date=_date(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_id=_text(ds, "StudyID"),
+            study_description=_text(ds, "StudyDescription"),
+            referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            institution_name=_text(ds, "InstitutionName"),
+            modality=_text(ds, "Modality"),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            body_part_examined=_text(ds, "BodyPartExamined"),
+            series_date=_date(ds, "SeriesDate"),
+            series_time=_text(ds, "SeriesTime"),
+            instance_number=_int(ds, "InstanceNumber"),
+            number_of_frames=_int(ds, "NumberOfFrames"),
+            rows=_int(ds, "Rows"),
+            columns=_int(ds, "Columns"),
+            specific_character_set=_text(ds, "SpecificCharacterSet"),
+        )
+    except Exception as exc:  # an attribute whose value cannot be decoded
+        raise InvalidInstance(
+            f"undecodable attribute: {type(exc).__name__}: {exc}"[:200], Rejection.CANNOT_UNDERSTAND
+        ) from exc

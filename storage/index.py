@@ -1,0 +1,256 @@
+"""The metadata index over SQLAlchemy: SQLite embedded, PostgreSQL at scale, same code.
+
+Writers on several threads, processes or replicas may record instances of the same
+patient, study and series at once, so every level is written with INSERT ... ON CONFLICT
+DO NOTHING and read back: the first writer's attributes win, nobody fails on a race.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.header import InstanceHeader
+from storage.models import Instance, Patient, Series, Study
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Any fixed number: PostgreSQL replicas starting together take turns migrating.
+_MIGRATION_LOCK = 0x706F636B
+
+
+class IndexUnavailable(RuntimeError):
+    """The database did not answer or refused the write."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the index knows of one stored object."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    object_key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who sent an instance: the institution, the calling AE (empty over HTTP) and the route."""
+
+    institution: str
+    calling_ae: str = ""
+    route: str = "import"
+    received_at: datetime | None = None
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the writer; NORMAL syncs at checkpoints, which is safe
+    # against process crashes, and the object is already in the bucket when a row is
+    # written, so `pocketpacs check` re-indexes anything a power cut takes back.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Index:
+    """Patient, study, series and instance rows, and the queries the archive needs."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict = {"pool_pre_ping": True}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, connect_args={"connect_timeout": 5})
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._insert = sqlite.insert if self.is_sqlite else postgresql.insert
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (called at every start)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with self.engine.begin() as connection:
+                if not self.is_sqlite:
+                    connection.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"cannot migrate the index: {exc}") from exc
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def find(self, sop_instance_uid: str) -> StoredInstance | None:
+        """The stored instance with this SOP Instance UID, if any."""
+        query = (
+            select(
+                Instance.sop_instance_uid,
+                Study.study_instance_uid,
+                Series.series_instance_uid,
+                Instance.object_key,
+                Instance.size,
+                Instance.sha256,
+            )
+            .join(Series, Instance.series_pk == Series.id)
+            .join(Study, Series.study_pk == Study.id)
+            .where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+        try:
+            with self.session() as session:
+                row = session.execute(query).first()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
+        return StoredInstance(*row) if row else None
+
+    def _upsert(self, session: Session, model, key: dict, values: dict) -> int:
+        statement = self._insert(model).values(**key, **values)
+        statement = statement.on_conflict_do_nothing(index_elements=list(key))
+        session.execute(statement)
+        conditions = [getattr(model, column) == value for column, value in key.items()]
+        return session.execute(select(model.id).where(*conditions)).scalar_one()
+
+    def record(
+        self, header: InstanceHeader, origin: Origin, size: int, sha256: str, object_key: str
+    ) -> bool:
+        """Write the rows for one stored object; False when the instance was already there."""
+        h = header
+        try:
+            with self.session() as session, session.begin():
+                patient_pk = self._upsert(
+                    session,
+                    Patient,
+                    {"patient_id": h.patient_id, "issuer_of_patient_id": h.issuer_of_patient_id},
+                    {
+                        "patient_name": h.patient_name,
+                        "patient_birth_date": h.patient_birth_date,
+                        "patient_sex": h.patient_sex,
+                    },
+                )
+                study_pk = self._upsert(
+                    session,
+                    Study,
+                    {"study_instance_uid": h.study_instance_uid},
+                    {
+                        "patient_pk": patient_pk,
+                        "study_date": h.study_date,
+                        "study_time": h.study_time,
+                        "accession_number": h.accession_number,
+                        "study_id": h.study_id,
+                        "study_description": h.study_description,
+                        "referring_physician_name": h.referring_physician_name,
+                        "institution_name": h.institution_name,
+                        "source_institution": origin.institution,
+                        "created_at": _now(),
+                    },
+                )
+                series_pk = self._upsert(
+                    session,
+                    Series,
+                    {"series_instance_uid": h.series_instance_uid},
+                    {
+                        "study_pk": study_pk,
+                        "modality": h.modality,
+                        "series_number": h.series_number,
+                        "series_description": h.series_description,
+                        "body_part_examined": h.body_part_examined,
+                        "series_date": h.series_date,
+                        "series_time": h.series_time,
+                    },
+                )
+                inserted = session.execute(
+                    self._insert(Instance)
+                    .values(
+                        sop_instance_uid=h.sop_instance_uid,
+                        series_pk=series_pk,
+                        sop_class_uid=h.sop_class_uid,
+                        instance_number=h.instance_number,
+                        number_of_frames=h.number_of_frames,
+                        rows=h.rows,
+                        columns=h.columns,
+                        transfer_syntax_uid=h.transfer_syntax_uid,
+                        source_institution=origin.institution,
+                        source_ae=origin.calling_ae,
+                        received_at=origin.received_at or _now(),
+                        size=size,
+                        sha256=sha256,
+                        object_key=object_key,
+                    )
+                    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                    .returning(Instance.id)
+                ).first()
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
+        return inserted is not None
+
+    def iter_by_key(self) -> Iterator[StoredInstance]:
+        """Every indexed instance in the bucket's listing order (bytewise by object key),
+        streamed from one server-side cursor, so `check` can merge the two lists."""
+        key = Instance.object_key if self.is_sqlite else Instance.object_key.collate("C")
+        query = (
+            select(
+                Instance.sop_instance_uid,
+                Study.study_instance_uid,
+                Series.series_instance_uid,
+                Instance.object_key,
+                Instance.size,
+                Instance.sha256,
+            )
+            .join(Series, Instance.series_pk == Series.id)
+            .join(Study, Series.study_pk == Study.id)
+            .order_by(key)
+            .execution_options(yield_per=5000)
+        )
+        try:
+            with self.session() as session:
+                for row in session.execute(query):
+                    yield StoredInstance(*row)
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
+
+    def counts(self) -> dict[str, int]:
+        """Rows at each level, for health and `check` summaries."""
+        try:
+            with self.session() as session:
+                return {
+                    name: session.execute(select(func.count()).select_from(model)).scalar_one()
+                    for name, model in (
+                        ("patients", Patient),
+                        ("studies", Study),
+                        ("series", Series),
+                        ("instances", Instance),
+                    )
+                }
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(str(exc.__cause__ or exc)) from exc

@@ -1,0 +1,259 @@
+"""A fsynced write-ahead spool in front of the ingest pipeline.
+
+Why: a SeaweedFS or MinIO PUT takes 10 to 20 ms, and a C-STORE sender waits for each
+answer before sending the next instance, so storing synchronously would cap one
+association at 50 to 80 instances/s. The spool answers success once the validated file
+is fsynced on local disk (a few ms) and workers move it into the bucket and the index
+with the same `IngestPipeline.store` every other route uses.
+
+Rules that keep it honest:
+- an instance is acknowledged only after its file and its directory entry are fsynced;
+- at start the spool is replayed before the DICOM listener opens;
+- while the bucket or the index fails, new instances get 0xA700, so the spool absorbs
+  a short burst, never an outage;
+- the spool is bounded (`limit_bytes`); past it senders get 0xA700 too.
+
+Layout under the spool directory: ``incoming/`` receives data as it arrives (pynetdicom's
+temporary files; never acknowledged, cleared at start), ``ready/`` holds acknowledged
+instances waiting for the bucket, ``rejected/`` keeps files that fail validation on replay.
+The file name carries the SOP Instance UID and the origin, so nothing else must be synced.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from storage import metrics
+from storage.header import InstanceHeader, InvalidInstance
+from storage.index import Origin
+from storage.ingest import IngestPipeline, InstanceToStore, StoreOutcome, StoreResult
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 2.0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode_origin(origin: Origin, received_at: datetime) -> str:
+    data = {
+        "i": origin.institution,
+        "a": origin.calling_ae,
+        "r": origin.route,
+        "t": received_at.timestamp(),
+    }
+    raw = json.dumps(data, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_origin(text: str) -> Origin:
+    data = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    return Origin(
+        institution=data["i"],
+        calling_ae=data["a"],
+        route=data["r"],
+        received_at=datetime.fromtimestamp(data["t"], UTC),
+    )
+
+
+@dataclass(frozen=True)
+class _Pending:
+    path: Path
+    origin: Origin
+    header: InstanceHeader | None
+    size: int
+
+
+class Spool:
+    """Durable acceptance now, storage in the bucket and index moments later."""
+
+    def __init__(
+        self,
+        directory: Path,
+        pipeline: IngestPipeline,
+        workers: int = 8,
+        limit_bytes: int = 20 * 1024**3,
+    ) -> None:
+        self.directory = directory
+        self.incoming = directory / "incoming"
+        self.ready = directory / "ready"
+        self.rejected = directory / "rejected"
+        for folder in (self.incoming, self.ready, self.rejected):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.pipeline = pipeline
+        self.workers = workers
+        self.limit_bytes = limit_bytes
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending_bytes = 0
+        self._pending_uids: set[str] = set()
+        self._idle = threading.Condition(self._lock)
+        self._failure: str | None = None
+        self._threads: list[threading.Thread] = []
+
+    # acceptance -------------------------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last drain attempt failed, while the bucket or index is failing."""
+        return self._failure
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending_uids)
+
+    def accept(self, item: InstanceToStore) -> StoreResult:
+        """Validate, fsync into ``ready/`` and answer; the item's file is moved, not copied."""
+        started = time.perf_counter()
+        result = self._accept(item)
+        metrics.observe_store(item.origin.route, result.outcome, result.size, started)
+        return result
+
+    def _accept(self, item: InstanceToStore) -> StoreResult:
+        try:
+            header = self.pipeline.validate(item)
+        except InvalidInstance as exc:
+            return StoreResult(StoreOutcome.rejected(exc.kind), exc.reason)
+        uid = header.sop_instance_uid
+        size = item.path.stat().st_size
+        with self._lock:
+            if self._failure is not None:
+                reason = f"storage unavailable: {self._failure}"[:200]
+                return StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason, header)
+            if uid in self._pending_uids:
+                # The same instance is already acknowledged and on its way to the bucket.
+                return StoreResult(StoreOutcome.DUPLICATE, "already received", header, size=size)
+            if self._pending_bytes + size > self.limit_bytes:
+                return StoreResult(StoreOutcome.OUT_OF_RESOURCES, "ingest spool is full", header)
+            self._reserve(uid, size)
+        target = self.ready / f"{uid}~{_encode_origin(item.origin, datetime.now(UTC))}.dcm"
+        try:
+            fd = os.open(item.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(item.path, target)
+            _fsync_dir(self.ready)
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            self._release(uid, size)
+            reason = f"cannot write the ingest spool: {exc.strerror}"
+            return StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason, header)
+        self._queue.put(_Pending(target, item.origin, header, size))
+        return StoreResult(StoreOutcome.STORED, "", header, size=size)
+
+    def _reserve(self, uid: str, size: int) -> None:
+        """Count an instance as pending; the caller holds the lock."""
+        self._pending_uids.add(uid)
+        self._pending_bytes += size
+        metrics.SPOOL_PENDING.set(len(self._pending_uids))
+
+    def _release(self, uid: str, size: int) -> None:
+        with self._idle:
+            self._pending_uids.discard(uid)
+            self._pending_bytes -= size
+            metrics.SPOOL_PENDING.set(len(self._pending_uids))
+            if not self._pending_uids:
+                self._idle.notify_all()
+
+    # draining -------------------------------------------------------------------------
+
+    def replay(self) -> int:
+        """Store what an earlier run acknowledged but did not finish; call before listening.
+
+        Returns how many instances were replayed. Anything that cannot be stored now stays
+        queued for the workers.
+        """
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)  # never acknowledged: the sender saw no success
+        found = sorted(self.ready.glob("*.dcm"))
+        if not found:
+            return 0
+        log.info("replaying %d spooled instances", len(found))
+        for path in found:
+            try:
+                origin = _decode_origin(path.stem.split("~", 1)[1])
+            except (IndexError, ValueError, KeyError):
+                origin = Origin(institution="", route="cstore")
+            size = path.stat().st_size
+            with self._lock:
+                self._reserve(path.name.split("~", 1)[0], size)
+            self._queue.put(_Pending(path, origin, None, size))
+        self.start()
+        self.wait_idle(timeout=None)
+        return len(found)
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        for number in range(self.workers):
+            thread = threading.Thread(target=self._work, name=f"spool-drain-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued (within `timeout`), then stop the workers."""
+        self.wait_idle(timeout=timeout)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads.clear()
+
+    def wait_idle(self, timeout: float | None = 30.0) -> bool:
+        """Block until every acknowledged instance is in the bucket and index, or time out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._pending_uids:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._idle.wait(remaining if remaining is not None else 1.0)
+        return True
+
+    def _work(self) -> None:
+        while True:
+            pending = self._queue.get()
+            if pending is None:
+                return
+            self._drain(pending)
+
+    def _drain(self, pending: _Pending) -> None:
+        item = InstanceToStore(pending.path, pending.origin)
+        while True:
+            result = self.pipeline.commit(item, pending.header)
+            if result.outcome is not StoreOutcome.OUT_OF_RESOURCES:
+                break
+            if self._failure is None:
+                log.error("ingest spool cannot drain: %s; refusing new instances", result.reason)
+            self._failure = result.reason
+            metrics.SPOOL_RETRIES.inc()
+            time.sleep(RETRY_SECONDS)
+        if self._failure is not None:
+            log.info("ingest spool drains again")
+            self._failure = None
+        if result.outcome.ok:
+            pending.path.unlink(missing_ok=True)
+            metrics.SPOOL_DRAINED.inc()
+        else:
+            destination = self.rejected / pending.path.name
+            os.replace(pending.path, destination)
+            destination.with_suffix(".reason.txt").write_text(result.reason + "\n")
+            log.error("spooled file %s rejected: %s", pending.path.name, result.reason)
+        self._release(pending.path.name.split("~", 1)[0], pending.size)

@@ -1,0 +1,20 @@
+"""Assemble the FastAPI application from its routers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from viewer_api.deps import Services
+from viewer_api.routes import health, metrics
+
+
+def create_app(services: Services) -> FastAPI:
+    app = FastAPI(
+        title="pocketpacs",
+        summary="Medical imaging cloud archive",
+        version="0.1.0",
+    )
+    app.state.services = services
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    return app
