@@ -1,0 +1,233 @@
+"""Shared fixtures: real servers only. One SeaweedFS S3 server for the session, a fresh
+bucket per test, SQLite and PostgreSQL indexes, and `pocketpacs serve` run as a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from storage.embedded_s3 import EmbeddedS3
+from storage.index import Index
+from storage.ingest import IngestPipeline
+from storage.objects import ObjectStore
+
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
+    """A real SeaweedFS S3 server shared by the session (started the way `serve` does)."""
+    server = EmbeddedS3(tmp_path_factory.mktemp("s3-session"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_bucket_store(s3_server: EmbeddedS3) -> ObjectStore:
+    store = ObjectStore(
+        s3_server.endpoint,
+        s3_server.credentials.access_key,
+        s3_server.credentials.secret_key,
+        bucket=f"t-{uuid.uuid4().hex[:16]}",
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            store.ensure_bucket()
+            return store
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def objects(s3_server: EmbeddedS3) -> ObjectStore:
+    """An empty bucket of its own for each test."""
+    return make_bucket_store(s3_server)
+
+
+@dataclass
+class PostgresDatabase:
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.name}"
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[PostgresDatabase]:
+    """A new, empty PostgreSQL database, dropped afterwards."""
+    database = PostgresDatabase(f"pocketpacs_test_{uuid.uuid4().hex[:12]}")
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database.name}"')
+    yield database
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{database.name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same tests run on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite3'}"
+    return request.getfixturevalue("postgres_database").url
+
+
+@pytest.fixture
+def index(index_url: str) -> Iterator[Index]:
+    index = Index(index_url)
+    index.migrate()
+    yield index
+    index.dispose()
+
+
+@pytest.fixture
+def pipeline(objects: ObjectStore, index: Index) -> IngestPipeline:
+    return IngestPipeline(objects, index)
+
+
+@dataclass
+class RunningArchive:
+    """A `pocketpacs serve` process and how to reach it."""
+
+    data_dir: Path
+    dicom_port: int
+    http_port: int
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+    ae_title: str = "POCKETPACS"
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "pocketpacs",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--dicom-port",
+            str(self.dicom_port),
+            "--http-port",
+            str(self.http_port),
+            *self.extra_args,
+        ]
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.http}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"serve did not become healthy:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """kill -9: no clean-up of any kind."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def archive_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETPACS_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def archive_factory(tmp_path: Path) -> Iterator:
+    """Build `RunningArchive`s; every one still running at the end is stopped."""
+    started: list[RunningArchive] = []
+
+    def make(env: dict[str, str] | None = None, data_dir: Path | None = None) -> RunningArchive:
+        archive = RunningArchive(
+            data_dir=data_dir or tmp_path / f"data-{len(started)}",
+            dicom_port=free_port(),
+            http_port=free_port(),
+            env=archive_env(env),
+            log_path=tmp_path / f"serve-{len(started)}.log",
+        )
+        started.append(archive)
+        return archive
+
+    yield make
+    for archive in started:
+        if archive.process is not None:
+            archive.stop()
+
+
+@pytest.fixture
+def archive(archive_factory, s3_server: EmbeddedS3) -> RunningArchive:
+    """`pocketpacs serve` on SQLite, using the session's S3 server with a bucket of its own."""
+    bucket = make_bucket_store(s3_server).bucket
+    running = archive_factory(
+        {
+            "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
+            "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
+            "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
+            "POCKETPACS_S3_BUCKET": bucket,
+        }
+    )
+    running.start()
+    running.bucket = bucket
+    return running
+
+
+def bucket_of(archive: RunningArchive, s3_server: EmbeddedS3) -> ObjectStore:
+    """The object store a running archive writes to, for reading back what it stored."""
+    return ObjectStore(
+        s3_server.endpoint,
+        s3_server.credentials.access_key,
+        s3_server.credentials.secret_key,
+        bucket=archive.env["POCKETPACS_S3_BUCKET"],
+    )
+
+
+def dcmtk_env() -> dict[str, str]:
+    """DCMTK leaves Nagle on unless told: without this, ~40 ms per DIMSE response."""
+    return {**os.environ, "TCP_NODELAY": "1"}
