@@ -55,6 +55,7 @@ def open_core(settings: Settings) -> Iterator[Core]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     embedded = EmbeddedS3(settings.data_dir) if settings.embedded_s3 else None
     index: Index | None = None
+    pipeline: IngestPipeline | None = None
     try:
         if embedded is not None:
             endpoint = embedded.start()
@@ -71,8 +72,11 @@ def open_core(settings: Settings) -> Iterator[Core]:
         _wait_for_bucket(objects)
         index = Index(settings.index_url)
         index.migrate()
-        yield Core(objects=objects, index=index, pipeline=IngestPipeline(objects, index))
+        pipeline = IngestPipeline(objects, index, upload_workers=settings.ingest_workers)
+        yield Core(objects=objects, index=index, pipeline=pipeline)
     finally:
+        if pipeline is not None:
+            pipeline.close()
         if index is not None:
             index.dispose()
         if embedded is not None:
@@ -90,7 +94,6 @@ def serve(settings: Settings) -> None:
         spool = Spool(
             settings.data_dir / "spool",
             core.pipeline,
-            workers=settings.ingest_workers,
             limit_bytes=settings.spool_limit_mb * 1024 * 1024,
         )
         replayed = spool.replay()

@@ -8,12 +8,11 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pocketpacs.archive import DEFAULT_INSTITUTION, open_core, serve
+from pocketpacs.archive import DEFAULT_INSTITUTION, Core, open_core, serve
 from pocketpacs.settings import Settings, SettingsError, load_settings
 from storage.check import check
 from storage.index import Origin
@@ -55,26 +54,23 @@ def _files(paths: Sequence[Path]) -> Iterator[Path]:
 
 
 def import_files(
-    core, paths: Sequence[Path], institution: str, workers: int = 8, progress: bool = True
+    core: Core, paths: Sequence[Path], institution: str, batch: int = 32, progress: bool = True
 ) -> tuple[Counter[StoreOutcome], list[tuple[Path, StoreResult]]]:
-    """Load files through the ingest pipeline; return counts and the files that failed."""
+    """Load files through the ingest pipeline in batches; return counts and the failures."""
     files = list(_files(paths))
     counts: Counter[StoreOutcome] = Counter()
     failed: list[tuple[Path, StoreResult]] = []
 
-    def store(path: Path) -> tuple[Path, StoreResult]:
-        origin = Origin(institution=institution, route="import")
-        return path, core.pipeline.store(InstanceToStore(path=path, origin=origin))
-
-    with (
-        ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(files), unit="file", disable=not progress or len(files) < 2) as bar,
-    ):
-        for path, result in pool.map(store, files):
-            counts[result.outcome] += 1
-            if not result.outcome.ok:
-                failed.append((path, result))
-            bar.update(1)
+    origin = Origin(institution=institution, route="import")
+    with tqdm(total=len(files), unit="file", disable=not progress or len(files) < 2) as bar:
+        for start in range(0, len(files), batch):
+            chunk = files[start : start + batch]
+            items = [InstanceToStore(path=path, origin=origin) for path in chunk]
+            for path, result in zip(chunk, core.pipeline.store_many(items), strict=True):
+                counts[result.outcome] += 1
+                if not result.outcome.ok:
+                    failed.append((path, result))
+            bar.update(len(chunk))
     return counts, failed
 
 
@@ -90,9 +86,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 2
     settings = _settings(args)
     with open_core(settings) as core:
-        counts, failed = import_files(
-            core, args.paths, args.institution, workers=args.workers, progress=not args.quiet
-        )
+        counts, failed = import_files(core, args.paths, args.institution, progress=not args.quiet)
     for path, result in failed:
         print(f"rejected {path}: {result.reason} (0x{result.outcome.dimse_status:04X})")
     rejected = sum(n for outcome, n in counts.items() if not outcome.ok)
@@ -147,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--institution", default=DEFAULT_INSTITUTION, help="institution the files come from"
     )
-    p.add_argument("--workers", type=int, default=8, help="parallel uploads (default 8)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import)
 

@@ -7,16 +7,18 @@ DO NOTHING and read back: the first writer's attributes win, nobody fails on a r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.header import InstanceHeader
@@ -53,6 +55,51 @@ class Origin:
     received_at: datetime | None = None
 
 
+class _KnownRows:
+    """Row ids of patients, studies and series this process has seen committed (LRU).
+
+    Instances arrive series by series, so after the first instance of a series the rest
+    need one INSERT each instead of three upserts and three look-ups.
+    """
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self._rows: OrderedDict[tuple, int] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> int | None:
+        with self._lock:
+            pk = self._rows.get(key)
+            if pk is not None:
+                self._rows.move_to_end(key)
+            return pk
+
+    def put(self, key: tuple, pk: int) -> None:
+        with self._lock:
+            self._rows[key] = pk
+            self._rows.move_to_end(key)
+            while len(self._rows) > self._capacity:
+                self._rows.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+
+_INSTANCES = Instance.__table__
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One stored object to record: its header, who sent it, and what is in the bucket."""
+
+    header: InstanceHeader
+    origin: Origin
+    size: int
+    sha256: str
+    object_key: str
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers run beside the writer; NORMAL syncs at checkpoints, which is safe
@@ -75,16 +122,23 @@ class Index:
     def __init__(self, url: str) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict = {"pool_pre_ping": True}
+        kwargs: dict = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
-            kwargs.update(pool_size=10, max_overflow=20, connect_args={"connect_timeout": 5})
+            # A PostgreSQL restart leaves dead pooled connections: test each on checkout.
+            kwargs.update(
+                pool_pre_ping=True,
+                pool_size=10,
+                max_overflow=20,
+                connect_args={"connect_timeout": 5},
+            )
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._insert = sqlite.insert if self.is_sqlite else postgresql.insert
+        self._known = _KnownRows()
 
     def session(self) -> Session:
         return self._sessions()
@@ -114,6 +168,13 @@ class Index:
 
     def find(self, sop_instance_uid: str) -> StoredInstance | None:
         """The stored instance with this SOP Instance UID, if any."""
+        return self.find_many([sop_instance_uid]).get(sop_instance_uid)
+
+    def find_many(self, sop_instance_uids: Iterable[str]) -> dict[str, StoredInstance]:
+        """The stored instances among these SOP Instance UIDs, by UID (one query)."""
+        wanted = list(set(sop_instance_uids))
+        if not wanted:
+            return {}
         query = (
             select(
                 Instance.sop_instance_uid,
@@ -125,94 +186,147 @@ class Index:
             )
             .join(Series, Instance.series_pk == Series.id)
             .join(Study, Series.study_pk == Study.id)
-            .where(Instance.sop_instance_uid == sop_instance_uid)
+            .where(Instance.sop_instance_uid.in_(wanted))
         )
         try:
-            with self.session() as session:
-                row = session.execute(query).first()
+            with self.engine.connect() as connection:
+                rows = connection.execute(query).all()
         except SQLAlchemyError as exc:
             raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
-        return StoredInstance(*row) if row else None
+        return {row[0]: StoredInstance(*row) for row in rows}
 
-    def _upsert(self, session: Session, model, key: dict, values: dict) -> int:
-        statement = self._insert(model).values(**key, **values)
-        statement = statement.on_conflict_do_nothing(index_elements=list(key))
-        session.execute(statement)
-        conditions = [getattr(model, column) == value for column, value in key.items()]
-        return session.execute(select(model.id).where(*conditions)).scalar_one()
+    def _upsert(self, connection: Connection, model, key: dict, values: dict) -> int:
+        """Insert unless present (the first writer's attributes win) and return the row id."""
+        table = model.__table__
+        statement = self._insert(table).values(**key, **values)
+        connection.execute(statement.on_conflict_do_nothing(index_elements=list(key)))
+        conditions = [table.c[column] == value for column, value in key.items()]
+        return connection.execute(select(table.c.id).where(*conditions)).scalar_one()
 
     def record(
         self, header: InstanceHeader, origin: Origin, size: int, sha256: str, object_key: str
     ) -> bool:
         """Write the rows for one stored object; False when the instance was already there."""
-        h = header
+        return bool(self.record_many([IndexEntry(header, origin, size, sha256, object_key)]))
+
+    def record_many(self, entries: Sequence[IndexEntry]) -> set[str]:
+        """Write the rows for stored objects in one transaction.
+
+        Returns the SOP Instance UIDs inserted; the others were indexed already. Patient,
+        study and series rows are written once per batch however many instances share them.
+        """
+        if not entries:
+            return set()
         try:
-            with self.session() as session, session.begin():
-                patient_pk = self._upsert(
-                    session,
-                    Patient,
-                    {"patient_id": h.patient_id, "issuer_of_patient_id": h.issuer_of_patient_id},
-                    {
-                        "patient_name": h.patient_name,
-                        "patient_birth_date": h.patient_birth_date,
-                        "patient_sex": h.patient_sex,
-                    },
-                )
-                study_pk = self._upsert(
-                    session,
-                    Study,
-                    {"study_instance_uid": h.study_instance_uid},
-                    {
-                        "patient_pk": patient_pk,
-                        "study_date": h.study_date,
-                        "study_time": h.study_time,
-                        "accession_number": h.accession_number,
-                        "study_id": h.study_id,
-                        "study_description": h.study_description,
-                        "referring_physician_name": h.referring_physician_name,
-                        "institution_name": h.institution_name,
-                        "source_institution": origin.institution,
-                        "created_at": _now(),
-                    },
-                )
-                series_pk = self._upsert(
-                    session,
-                    Series,
-                    {"series_instance_uid": h.series_instance_uid},
-                    {
-                        "study_pk": study_pk,
-                        "modality": h.modality,
-                        "series_number": h.series_number,
-                        "series_description": h.series_description,
-                        "body_part_examined": h.body_part_examined,
-                        "series_date": h.series_date,
-                        "series_time": h.series_time,
-                    },
-                )
-                inserted = session.execute(
-                    self._insert(Instance)
-                    .values(
-                        sop_instance_uid=h.sop_instance_uid,
-                        series_pk=series_pk,
-                        sop_class_uid=h.sop_class_uid,
-                        instance_number=h.instance_number,
-                        number_of_frames=h.number_of_frames,
-                        rows=h.rows,
-                        columns=h.columns,
-                        transfer_syntax_uid=h.transfer_syntax_uid,
-                        source_institution=origin.institution,
-                        source_ae=origin.calling_ae,
-                        received_at=origin.received_at or _now(),
-                        size=size,
-                        sha256=sha256,
-                        object_key=object_key,
-                    )
-                    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                    .returning(Instance.id)
-                ).first()
+            return self._record_many(entries)
+        except IntegrityError:
+            # A remembered row id is gone (deleted by another process): forget and retry.
+            self._known.clear()
+            try:
+                return self._record_many(entries)
+            except SQLAlchemyError as exc:
+                raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
         except SQLAlchemyError as exc:
             raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
-        return inserted is not None
+
+    def _record_many(self, entries: Sequence[IndexEntry]) -> set[str]:
+        patients: dict[tuple[str, str], int] = {}
+        studies: dict[str, int] = {}
+        series: dict[str, int] = {}
+        for entry in entries:
+            h = entry.header
+            patient = (h.patient_id, h.issuer_of_patient_id)
+            for level, key, found in (
+                ("patient", patient, patients),
+                ("study", h.study_instance_uid, studies),
+                ("series", h.series_instance_uid, series),
+            ):
+                pk = self._known.get((level, key))
+                if pk is not None:
+                    found[key] = pk
+        rows = []
+        with self.engine.begin() as connection:
+            for entry in entries:
+                h = entry.header
+                patient = (h.patient_id, h.issuer_of_patient_id)
+                if patient not in patients:
+                    patients[patient] = self._upsert(
+                        connection,
+                        Patient,
+                        {
+                            "patient_id": h.patient_id,
+                            "issuer_of_patient_id": h.issuer_of_patient_id,
+                        },
+                        {
+                            "patient_name": h.patient_name,
+                            "patient_birth_date": h.patient_birth_date,
+                            "patient_sex": h.patient_sex,
+                        },
+                    )
+                if h.study_instance_uid not in studies:
+                    studies[h.study_instance_uid] = self._upsert(
+                        connection,
+                        Study,
+                        {"study_instance_uid": h.study_instance_uid},
+                        {
+                            "patient_pk": patients[patient],
+                            "study_date": h.study_date,
+                            "study_time": h.study_time,
+                            "accession_number": h.accession_number,
+                            "study_id": h.study_id,
+                            "study_description": h.study_description,
+                            "referring_physician_name": h.referring_physician_name,
+                            "institution_name": h.institution_name,
+                            "source_institution": entry.origin.institution,
+                            "created_at": _now(),
+                        },
+                    )
+                if h.series_instance_uid not in series:
+                    series[h.series_instance_uid] = self._upsert(
+                        connection,
+                        Series,
+                        {"series_instance_uid": h.series_instance_uid},
+                        {
+                            "study_pk": studies[h.study_instance_uid],
+                            "modality": h.modality,
+                            "series_number": h.series_number,
+                            "series_description": h.series_description,
+                            "body_part_examined": h.body_part_examined,
+                            "series_date": h.series_date,
+                            "series_time": h.series_time,
+                        },
+                    )
+                rows.append(
+                    {
+                        "sop_instance_uid": h.sop_instance_uid,
+                        "series_pk": series[h.series_instance_uid],
+                        "sop_class_uid": h.sop_class_uid,
+                        "instance_number": h.instance_number,
+                        "number_of_frames": h.number_of_frames,
+                        "rows": h.rows,
+                        "columns": h.columns,
+                        "transfer_syntax_uid": h.transfer_syntax_uid,
+                        "source_institution": entry.origin.institution,
+                        "source_ae": entry.origin.calling_ae,
+                        "received_at": entry.origin.received_at or _now(),
+                        "size": entry.size,
+                        "sha256": entry.sha256,
+                        "object_key": entry.object_key,
+                    }
+                )
+            inserted = set(
+                connection.execute(
+                    self._insert(_INSTANCES)
+                    .values(rows)
+                    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                    .returning(_INSTANCES.c.sop_instance_uid)
+                ).scalars()
+            )
+        # Committed: these rows exist now, and the next instances of the series need not ask.
+        for level, found in (("patient", patients), ("study", studies), ("series", series)):
+            for key, pk in found.items():
+                self._known.put((level, key), pk)
+        return inserted
 
     def iter_by_key(self) -> Iterator[StoredInstance]:
         """Every indexed instance in the bucket's listing order (bytewise by object key),

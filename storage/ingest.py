@@ -13,14 +13,15 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage import layout, metrics
 from storage.header import InstanceHeader, InvalidInstance, Rejection, read_header
-from storage.index import Index, IndexUnavailable, Origin
+from storage.index import Index, IndexEntry, IndexUnavailable, Origin
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -97,38 +98,47 @@ def sha256_file(path: Path, chunk: int = 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
-class _KeyedLocks:
-    """One lock per key, alive only while someone holds or waits for it."""
+class _InFlight:
+    """SOP Instance UIDs being stored right now in this process.
+
+    A batch waits until none of its UIDs is in another batch, so two copies of one
+    instance never race for the same object key.
+    """
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+        self._changed = threading.Condition()
+        self._uids: set[str] = set()
 
     @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        with self._guard:
-            lock, users = self._locks.get(key, (threading.Lock(), 0))
-            self._locks[key] = (lock, users + 1)
+    def hold(self, uids: set[str]) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not uids & self._uids)
+            self._uids |= uids
         try:
-            with lock:
-                yield
+            yield
         finally:
-            with self._guard:
-                lock, users = self._locks[key]
-                if users == 1:
-                    del self._locks[key]
-                else:
-                    self._locks[key] = (lock, users - 1)
+            with self._changed:
+                self._uids -= uids
+                self._changed.notify_all()
 
 
 class IngestPipeline:
-    """Validate, deduplicate, put the bytes in the bucket and record them in the index."""
+    """Validate, deduplicate, put the bytes in the bucket and record them in the index.
 
-    def __init__(self, objects: ObjectStore, index: Index) -> None:
+    Work is done in batches: one duplicate query, the uploads in parallel, one index
+    transaction. `store` is a batch of one.
+    """
+
+    def __init__(self, objects: ObjectStore, index: Index, upload_workers: int = 8) -> None:
         self.objects = objects
         self.index = index
         self.listeners: list[Listener] = []
-        self._same_instance = _KeyedLocks()
+        self._in_flight = _InFlight()
+        self._uploads = ThreadPoolExecutor(upload_workers, thread_name_prefix="upload")
+
+    def close(self) -> None:
+        """Wait for uploads under way and stop the upload threads."""
+        self._uploads.shutdown(wait=True)
 
     def validate(self, item: InstanceToStore) -> InstanceHeader:
         """Parse and validate the header; raises `InvalidInstance`."""
@@ -136,59 +146,130 @@ class IngestPipeline:
 
     def store(self, item: InstanceToStore, header: InstanceHeader | None = None) -> StoreResult:
         """Store one instance; success only once the object and the index row are durable."""
+        return self.store_many([item], [header])[0]
+
+    def store_many(
+        self, items: Sequence[InstanceToStore], headers: Sequence[InstanceHeader | None] = ()
+    ) -> list[StoreResult]:
+        """Store instances, one result each in the same order, and count them as received."""
         started = time.perf_counter()
-        result = self.commit(item, header)
-        metrics.observe_store(item.origin.route, result.outcome, result.size, started)
-        return result
+        results = self.commit_many(items, headers)
+        for item, result in zip(items, results, strict=True):
+            metrics.observe_store(item.origin.route, result.outcome, result.size, started)
+        return results
 
-    def commit(self, item: InstanceToStore, header: InstanceHeader | None = None) -> StoreResult:
-        """`store` without counting a reception: the spool counted it when it acknowledged."""
-        result = self._store(item, header)
-        if result.outcome is StoreOutcome.STORED:
-            for listener in self.listeners:
-                try:
-                    listener(result)
-                except Exception:
-                    log.exception("store listener %r failed", listener)
-        return result
+    def commit_many(
+        self, items: Sequence[InstanceToStore], headers: Sequence[InstanceHeader | None] = ()
+    ) -> list[StoreResult]:
+        """`store_many` without counting receptions: the spool counted them when it acknowledged."""
+        known = list(headers) or [None] * len(items)
+        results: list[StoreResult | None] = [None] * len(items)
+        parsed: list[InstanceHeader | None] = [None] * len(items)
+        first_of: dict[str, int] = {}
+        repeats: list[tuple[int, int]] = []
+        for position, (item, header) in enumerate(zip(items, known, strict=True)):
+            try:
+                header = header or self.validate(item)
+            except InvalidInstance as exc:
+                results[position] = StoreResult(StoreOutcome.rejected(exc.kind), exc.reason)
+                continue
+            except OSError as exc:
+                reason = f"cannot read received data: {exc.strerror}"
+                results[position] = StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason)
+                continue
+            parsed[position] = header
+            uid = header.sop_instance_uid
+            if uid in first_of:
+                repeats.append((position, first_of[uid]))
+            else:
+                first_of[uid] = position
+        with self._in_flight.hold(set(first_of)):
+            self._store_new({p: (items[p], parsed[p]) for p in first_of.values()}, results)
+        for position, first in repeats:
+            original = results[first]
+            assert original is not None
+            if original.outcome.ok:
+                results[position] = StoreResult(
+                    StoreOutcome.DUPLICATE,
+                    "already stored",
+                    parsed[position],
+                    original.object_key,
+                    original.size,
+                )
+            else:
+                results[position] = original
+        done = [result for result in results if result is not None]
+        assert len(done) == len(items)
+        for result in done:
+            if result.outcome is StoreOutcome.STORED:
+                for listener in self.listeners:
+                    try:
+                        listener(result)
+                    except Exception:
+                        log.exception("store listener %r failed", listener)
+        return done
 
-    def _store(self, item: InstanceToStore, header: InstanceHeader | None) -> StoreResult:
+    def _store_new(
+        self,
+        todo: dict[int, tuple[InstanceToStore, InstanceHeader]],
+        results: list[StoreResult | None],
+    ) -> None:
+        """Duplicate check, uploads, one index transaction; fills `results` at each position."""
+        if not todo:
+            return
         try:
-            header = header or self.validate(item)
-        except InvalidInstance as exc:
-            return StoreResult(StoreOutcome.rejected(exc.kind), exc.reason)
-        except OSError as exc:
-            return StoreResult(StoreOutcome.OUT_OF_RESOURCES, f"cannot read received data: {exc}")
+            existing = self.index.find_many(h.sop_instance_uid for _, h in todo.values())
+        except IndexUnavailable as exc:
+            for position, (_, header) in todo.items():
+                reason = f"index unavailable: {exc}"
+                results[position] = StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason, header)
+            return
+        uploads: dict[int, Future[IndexEntry]] = {}
+        for position, (item, header) in todo.items():
+            stored = existing.get(header.sop_instance_uid)
+            if stored is not None:
+                results[position] = self._duplicate(item, header, stored.sha256, stored.object_key)
+            else:
+                uploads[position] = self._uploads.submit(self._upload, item, header)
+        entries: dict[int, IndexEntry] = {}
+        for position, future in uploads.items():
+            header = todo[position][1]
+            try:
+                entries[position] = future.result()
+            except ObjectStoreUnavailable as exc:
+                reason = f"object store unavailable: {exc}"
+                results[position] = StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason, header)
+            except OSError as exc:
+                reason = f"cannot read received data: {exc.strerror}"
+                results[position] = StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason, header)
+        if not entries:
+            return
+        try:
+            inserted = self.index.record_many(list(entries.values()))
+        except IndexUnavailable as exc:
+            for position, entry in entries.items():
+                self._remove_quietly(entry.object_key)
+                reason = f"index unavailable: {exc}"
+                results[position] = StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason, entry.header)
+            return
+        for position, entry in entries.items():
+            if entry.header.sop_instance_uid in inserted:
+                outcome, reason = StoreOutcome.STORED, ""
+            else:
+                # Another process indexed the same instance between our check and our insert.
+                outcome, reason = StoreOutcome.DUPLICATE, "already stored"
+            results[position] = StoreResult(
+                outcome, reason, entry.header, entry.object_key, entry.size
+            )
+
+    def _upload(self, item: InstanceToStore, header: InstanceHeader) -> IndexEntry:
         key = layout.instance_key(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        with self._same_instance.hold(header.sop_instance_uid):
-            try:
-                existing = self.index.find(header.sop_instance_uid)
-                if existing is not None:
-                    return self._duplicate(item, header, existing.sha256, existing.object_key)
-                size = item.path.stat().st_size
-                digest = sha256_file(item.path)
-                self.objects.put_file(key, item.path)
-            except IndexUnavailable as exc:
-                return StoreResult(
-                    StoreOutcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", header
-                )
-            except ObjectStoreUnavailable as exc:
-                return StoreResult(
-                    StoreOutcome.OUT_OF_RESOURCES, f"object store unavailable: {exc}", header
-                )
-            try:
-                inserted = self.index.record(header, item.origin, size, digest, key)
-            except IndexUnavailable as exc:
-                self._remove_quietly(key)
-                return StoreResult(
-                    StoreOutcome.OUT_OF_RESOURCES, f"index unavailable: {exc}", header
-                )
-        if not inserted:
-            # Another process indexed the same instance between our check and our insert.
-            return StoreResult(StoreOutcome.DUPLICATE, "already stored", header, key, size)
-        return StoreResult(StoreOutcome.STORED, "", header, key, size)
+        size = item.path.stat().st_size
+        digest = sha256_file(item.path)
+        self.objects.put_file(key, item.path)
+        return IndexEntry(header, item.origin, size, digest, key)
 
     def _duplicate(
         self, item: InstanceToStore, header: InstanceHeader, stored_sha256: str, key: str

@@ -40,6 +40,9 @@ from storage.ingest import IngestPipeline, InstanceToStore, StoreOutcome, StoreR
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
+# A drain batch: this many instances or this many bytes, whichever comes first.
+BATCH_INSTANCES = 32
+BATCH_BYTES = 256 * 1024 * 1024
 
 
 def _fsync_dir(path: Path) -> None:
@@ -86,7 +89,7 @@ class Spool:
         self,
         directory: Path,
         pipeline: IngestPipeline,
-        workers: int = 8,
+        workers: int = 2,
         limit_bytes: int = 20 * 1024**3,
     ) -> None:
         self.directory = directory
@@ -229,31 +232,56 @@ class Spool:
 
     def _work(self) -> None:
         while True:
-            pending = self._queue.get()
-            if pending is None:
+            first = self._queue.get()
+            if first is None:
                 return
-            self._drain(pending)
+            batch = [first]
+            size = first.size
+            while len(batch) < BATCH_INSTANCES and size < BATCH_BYTES:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # leave the stop signal for this worker's next turn
+                    break
+                batch.append(more)
+                size += more.size
+            self._drain(batch)
 
-    def _drain(self, pending: _Pending) -> None:
-        item = InstanceToStore(pending.path, pending.origin)
-        while True:
-            result = self.pipeline.commit(item, pending.header)
-            if result.outcome is not StoreOutcome.OUT_OF_RESOURCES:
-                break
-            if self._failure is None:
-                log.error("ingest spool cannot drain: %s; refusing new instances", result.reason)
-            self._failure = result.reason
-            metrics.SPOOL_RETRIES.inc()
-            time.sleep(RETRY_SECONDS)
-        if self._failure is not None:
-            log.info("ingest spool drains again")
-            self._failure = None
-        if result.outcome.ok:
-            pending.path.unlink(missing_ok=True)
-            metrics.SPOOL_DRAINED.inc()
-        else:
-            destination = self.rejected / pending.path.name
-            os.replace(pending.path, destination)
-            destination.with_suffix(".reason.txt").write_text(result.reason + "\n")
-            log.error("spooled file %s rejected: %s", pending.path.name, result.reason)
-        self._release(pending.path.name.split("~", 1)[0], pending.size)
+    def _drain(self, batch: list[_Pending]) -> None:
+        """Store a batch through the pipeline, retrying what fails for want of resources."""
+        while batch:
+            items = [InstanceToStore(p.path, p.origin) for p in batch]
+            results = self.pipeline.commit_many(items, [p.header for p in batch])
+            retry = []
+            for pending, result in zip(batch, results, strict=True):
+                if result.outcome is StoreOutcome.OUT_OF_RESOURCES:
+                    retry.append(pending)
+                    continue
+                if result.outcome.ok:
+                    pending.path.unlink(missing_ok=True)
+                    metrics.SPOOL_DRAINED.inc()
+                else:
+                    self._set_aside(pending, result.reason)
+                self._release(pending.path.name.split("~", 1)[0], pending.size)
+            if retry:
+                reason = next(
+                    r.reason for r in results if r.outcome is StoreOutcome.OUT_OF_RESOURCES
+                )
+                if self._failure is None:
+                    log.error("ingest spool cannot drain: %s; refusing new instances", reason)
+                self._failure = reason
+                metrics.SPOOL_RETRIES.inc()
+                time.sleep(RETRY_SECONDS)
+            elif self._failure is not None:
+                log.info("ingest spool drains again")
+                self._failure = None
+            batch = retry
+
+    def _set_aside(self, pending: _Pending, reason: str) -> None:
+        """Keep a spooled file that fails validation on replay, with the reason beside it."""
+        destination = self.rejected / pending.path.name
+        os.replace(pending.path, destination)
+        destination.with_suffix(".reason.txt").write_text(reason + "\n")
+        log.error("spooled file %s set aside: %s", pending.path.name, reason)
