@@ -16,6 +16,10 @@ from storage.spool import Spool
 log = logging.getLogger("pocketpacs.dicom")
 
 MAXIMUM_ASSOCIATIONS = 64
+# Not "unlimited" (0): a peer told 0 may send a whole data set as one PDU (pynetdicom's SCU
+# does), and a PDU is read into memory whole. 4 MiB bounds that and is still 32 times
+# DCMTK's largest PDU, so no peer sends more, smaller PDUs because of it.
+MAXIMUM_PDU_SIZE = 4 * 1024 * 1024
 
 
 class DicomServer:
@@ -32,8 +36,7 @@ class DicomServer:
 
     def _application_entity(self) -> AE:
         ae = AE(ae_title=self.ae_title)
-        # Unlimited PDU: DCMTK peers then send their largest PDUs, fewer to decode.
-        ae.maximum_pdu_size = 0
+        ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         ae.maximum_associations = MAXIMUM_ASSOCIATIONS
         ae.require_called_aet = True
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
