@@ -133,4 +133,4 @@ def serve(settings: Settings) -> None:
         finally:
             log.info("stopping: closing the DICOM listener and draining the spool")
             dicom.stop()
-            spool.stop()
+            spool.close()

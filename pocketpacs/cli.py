@@ -15,8 +15,11 @@ from tqdm import tqdm
 from pocketpacs.archive import DEFAULT_INSTITUTION, Core, open_core, serve
 from pocketpacs.settings import Settings, SettingsError, load_settings
 from storage.check import check
-from storage.index import Origin
+from storage.embedded_s3 import EmbeddedS3Error
+from storage.index import IndexUnavailable, Origin
 from storage.ingest import InstanceToStore, StoreOutcome, StoreResult
+from storage.objects import ObjectStoreUnavailable
+from storage.spool import SpoolBusy
 
 log = logging.getLogger("pocketpacs")
 
@@ -156,7 +159,14 @@ def main(args: Sequence[str] | None = None) -> int:
     _configure_logging(parsed.verbose)
     try:
         return parsed.func(parsed)
-    except SettingsError as exc:
+    except (
+        SettingsError,
+        SpoolBusy,
+        EmbeddedS3Error,
+        ObjectStoreUnavailable,
+        IndexUnavailable,
+        OSError,
+    ) as exc:
         print(f"pocketpacs: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

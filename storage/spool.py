@@ -22,6 +22,7 @@ The file name carries the SOP Instance UID and the origin, so nothing else must 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -74,6 +75,10 @@ def _decode_origin(text: str) -> Origin:
     )
 
 
+class SpoolBusy(RuntimeError):
+    """The spool directory belongs to another running process."""
+
+
 @dataclass(frozen=True)
 class _Pending:
     path: Path
@@ -98,6 +103,7 @@ class Spool:
         self.rejected = directory / "rejected"
         for folder in (self.incoming, self.ready, self.rejected):
             folder.mkdir(parents=True, exist_ok=True)
+        self._lock_file = self._take_ownership(directory / ".lock")
         self.pipeline = pipeline
         self.workers = workers
         self.limit_bytes = limit_bytes
@@ -108,6 +114,27 @@ class Spool:
         self._idle = threading.Condition(self._lock)
         self._failure: str | None = None
         self._threads: list[threading.Thread] = []
+
+    @staticmethod
+    def _take_ownership(path: Path) -> int:
+        """One process per spool: a second would discard the first one's incoming data."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolBusy(
+                f"another pocketpacs process is using {path.parent}; "
+                "give each one its own data directory"
+            ) from None
+        return fd
+
+    def close(self) -> None:
+        """Stop the workers (after draining) and release the spool to another process."""
+        self.stop()
+        if self._lock_file >= 0:
+            os.close(self._lock_file)
+            self._lock_file = -1
 
     # acceptance -------------------------------------------------------------------------
 
@@ -199,7 +226,15 @@ class Spool:
                 self._reserve(path.name.split("~", 1)[0], size)
             self._queue.put(_Pending(path, origin, None, size))
         self.start()
-        self.wait_idle(timeout=None)
+        while not self.wait_idle(timeout=1.0):
+            if self._failure is not None:
+                log.error(
+                    "replay paused, storage unavailable (%s): %d instances stay spooled and are "
+                    "stored when it returns; new instances get 0xA700 until then",
+                    self._failure,
+                    self.pending,
+                )
+                break
         return len(found)
 
     def start(self) -> None:
