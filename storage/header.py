@@ -123,13 +123,40 @@ def _date(ds: Dataset, keyword: str) -> date | None:
         return None
 
 
+def _check_ends_cleanly(ds: Dataset, size: int) -> None:
+    """With no pixel data, the last element must end exactly at the end of the file.
+
+    pydicom stops without a word at a short read, so a data set cut inside an element's
+    header or value would otherwise look like a complete, header-only object.
+    """
+    keywords = list(ds.keys())
+    if not keywords:
+        return
+    last = ds.get_item(keywords[-1])
+    value_tell = getattr(last, "value_tell", None)
+    if value_tell is None:
+        return
+    if last.length == _UNDEFINED_LENGTH:
+        with open(ds.filename, "rb") as handle:
+            handle.seek(max(size - 8, 0))
+            tail = handle.read(8)
+        if tail != b"\xfe\xff\xdd\xe0\x00\x00\x00\x00":
+            raise InvalidInstance(
+                "truncated: a sequence is not closed at the end of the data set",
+                Rejection.CANNOT_UNDERSTAND,
+            )
+        return
+    if len(last.value or b"") != last.length or value_tell + last.length != size:
+        raise InvalidInstance(
+            f"truncated data set: it ends inside element {last.tag}", Rejection.CANNOT_UNDERSTAND
+        )
+
+
 def _check_pixel_data_complete(
     handle: BinaryIO, size: int, big_endian: bool, implicit: bool
 ) -> None:
     """Raise unless the element at the handle's position (pixel data) ends inside the file."""
     start = handle.tell()
-    if start >= size:
-        return  # no pixel data: a header-only object such as an SR
     endian = ">" if big_endian else "<"
     head = handle.read(8)
     if len(head) < 8:
@@ -205,10 +232,13 @@ def read_header(
                 handle.seek(0)
                 dcmread(handle)
             else:
-                implicit, little_endian = ds.original_encoding
-                _check_pixel_data_complete(
-                    handle, size, big_endian=little_endian is False, implicit=bool(implicit)
-                )
+                if handle.tell() >= size:
+                    _check_ends_cleanly(ds, size)  # no pixel data: a header-only object
+                else:
+                    implicit, little_endian = ds.original_encoding
+                    _check_pixel_data_complete(
+                        handle, size, big_endian=little_endian is False, implicit=bool(implicit)
+                    )
     except InvalidInstance:
         raise
     except InvalidDicomError as exc:
