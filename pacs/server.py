@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import tempfile
 
+from pydicom import uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
 from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -20,6 +21,39 @@ MAXIMUM_ASSOCIATIONS = 64
 # does), and a PDU is read into memory whole. 4 MiB bounds that and is still 32 times
 # DCMTK's largest PDU, so no peer sends more, smaller PDUs because of it.
 MAXIMUM_PDU_SIZE = 4 * 1024 * 1024
+
+
+# Lossless encapsulated syntaxes: a sender offering one of these holds its data that way.
+_LOSSLESS = [
+    uid.JPEGLosslessSV1,
+    uid.JPEGLossless,
+    uid.JPEGLSLossless,
+    uid.JPEG2000Lossless,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.RLELossless,
+]
+_NATIVE = [
+    uid.ExplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+]
+
+
+def transfer_syntax_preference() -> list[str]:
+    """The order in which the acceptor picks among the syntaxes a sender proposes.
+
+    pynetdicom accepts the first syntax of *this* list that the sender offers, so the order
+    decides what is stored. Senders hardly ever compress on the fly, so a compressed syntax
+    on offer usually means the sender holds its data that way: lossless compression comes
+    first (its bytes are kept), then the native encodings (Explicit VR first), and lossy and
+    video syntaxes last, so a sender that could compress lossily on the fly is never asked
+    to while it offers anything lossless.
+    """
+    head = [*_LOSSLESS, *_NATIVE]
+    tail = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in head]
+    return [str(ts) for ts in (*head, *tail)]
 
 
 class DicomServer:
@@ -39,9 +73,10 @@ class DicomServer:
         ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         ae.maximum_associations = MAXIMUM_ASSOCIATIONS
         ae.require_called_aet = True
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for uid in _STORAGE_CLASSES.values():
-            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+        syntaxes = transfer_syntax_preference()
+        ae.add_supported_context(Verification, syntaxes)
+        for sop_class in _STORAGE_CLASSES.values():
+            ae.add_supported_context(sop_class, syntaxes)
         return ae
 
     def start(self) -> None:

@@ -96,20 +96,28 @@ def valid_uid(value: object) -> bool:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
+    """A value as text; NUL characters (which PostgreSQL refuses in text) are dropped."""
     value = ds.get(keyword)
     if value is None:
         return ""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace("\x00", "").strip()
+
+
+# IS values are 32-bit signed (PS3.5 6.2); anything outside is not a number we can use.
+_INT_RANGE = range(-(2**31), 2**31)
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     value = ds.get(keyword)
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+    return number if number is None or number in _INT_RANGE else None
 
 
 def _date(ds: Dataset, keyword: str) -> date | None:

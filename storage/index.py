@@ -18,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.header import InstanceHeader
@@ -30,7 +30,11 @@ _MIGRATION_LOCK = 0x706F636B
 
 
 class IndexUnavailable(RuntimeError):
-    """The database did not answer or refused the write."""
+    """The database did not answer or refused the write for reasons of its own."""
+
+
+class IndexRejected(ValueError):
+    """The database refuses a value of this data set: retrying will not help."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,8 @@ class Index:
             return set()
         try:
             return self._record_many(entries)
+        except DataError as exc:
+            raise IndexRejected(str(exc.orig or exc).splitlines()[0]) from exc
         except IntegrityError:
             # A remembered row id is gone (deleted by another process): forget and retry.
             self._known.clear()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from storage import layout, metrics
 from storage.header import InstanceHeader, InvalidInstance, Rejection, read_header
-from storage.index import Index, IndexEntry, IndexUnavailable, Origin
+from storage.index import Index, IndexEntry, IndexRejected, IndexUnavailable, Origin
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,22 @@ class IngestPipeline:
             return
         try:
             inserted = self.index.record_many(list(entries.values()))
+        except IndexRejected:
+            # One data set holds a value the database refuses: record them one by one, so
+            # only that one is refused and the rest of the batch is stored.
+            inserted = set()
+            for position, entry in list(entries.items()):
+                try:
+                    inserted |= self.index.record_many([entry])
+                except (IndexRejected, IndexUnavailable) as exc:
+                    self._remove_quietly(entry.object_key)
+                    outcome = (
+                        StoreOutcome.CANNOT_UNDERSTAND
+                        if isinstance(exc, IndexRejected)
+                        else StoreOutcome.OUT_OF_RESOURCES
+                    )
+                    results[position] = StoreResult(outcome, f"index: {exc}"[:200], entry.header)
+                    del entries[position]
         except IndexUnavailable as exc:
             for position, entry in entries.items():
                 self._remove_quietly(entry.object_key)

@@ -23,13 +23,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# PS3.5 6.2 maximum lengths, so PostgreSQL enforces what the standard allows.
+# UIDs are validated (at most 64 characters) before they reach the index. Other values are
+# stored whole and unbounded: real headers exceed their VR's maximum length often enough,
+# and an archive must not refuse or cut a study for it.
 UI = String(64)
-LO = String(64)
-SH = String(16)
-CS = String(16)
-PN = String(324)  # three component groups of 64 characters each, with delimiters
-TM = String(16)
+LO = SH = CS = PN = TM = String()
 
 
 class Base(DeclarativeBase):

@@ -29,7 +29,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     generate_uid,
 )
@@ -356,6 +358,46 @@ def test_pynetdicom_sends_every_transfer_syntax_unchanged(
     assert sorted(stored) == sorted(key_of(p) for p in sent)
     assert len(rows) == len(sent)
     assert_stored_unchanged(sent, stored, rows, source_ae="PYNETSCU")
+
+
+def test_acceptor_keeps_the_senders_encoding_and_never_picks_lossy(
+    shared_archive: RunningArchive, s3_server, tmp_path: Path, send_raw: None
+) -> None:
+    """A sender offering several syntaxes in one context gets the one that keeps its bytes:
+    Explicit VR over Implicit VR, its lossless compression over decompression, and never a
+    lossy syntax while it offers anything else."""
+    explicit_ct = ct_series(tmp_path / "ct", count=1, seed="preference")[0]
+    j2k = with_unique_uid(
+        compressed_samples(tmp_path / "samples")["JPEG 2000 Lossless"], tmp_path / "j2k.dcm"
+    )
+    mr_class = dcmread(j2k, stop_before_pixels=True).SOPClassUID
+    ae = AE(ae_title="PREFSCU")
+    ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    ae.add_requested_context(CTImageStorage, [JPEGBaseline8Bit, ExplicitVRLittleEndian])
+    ae.add_requested_context(
+        mr_class, [ImplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless]
+    )
+    assoc = ae.associate("127.0.0.1", shared_archive.dicom_port, ae_title="POCKETPACS")
+    assert assoc.is_established
+    try:
+        accepted = sorted(
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+        )
+        assert accepted == sorted(
+            [
+                (CTImageStorage, ExplicitVRLittleEndian),
+                (CTImageStorage, ExplicitVRLittleEndian),
+                (mr_class, JPEG2000Lossless),
+            ]
+        )
+        before = Snapshot(shared_archive, s3_server)
+        for path in (explicit_ct, j2k):
+            assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+        ae.shutdown()
+    stored, rows = before.added()
+    assert_stored_unchanged([explicit_ct, j2k], stored, rows, source_ae="PREFSCU")
 
 
 def test_storescu_sends_compressed_files_without_transcoding(
