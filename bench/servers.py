@@ -262,8 +262,19 @@ class Server:
         self.extra_pids = [p for p in tree(self.pid) if p != self.pid]
         self.listening = assert_loopback_only(self.name, self.pid)
 
+    health_url = ""  # an HTTP URL that answers 200 once the server is up
+
     def is_ready(self) -> bool:
-        raise NotImplementedError
+        """HTTP answers 200 at `health_url` and the DICOM port accepts connections."""
+        try:
+            status, _ = http_get_json(self.health_url.format(port=self.http_port))
+        except (OSError, ValueError):
+            return False
+        if status != 200:
+            return False
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            return probe.connect_ex(("127.0.0.1", self.dicom_port)) == 0
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM, wait, then SIGKILL the process group; children we saw are made sure of."""
@@ -294,6 +305,8 @@ class Server:
 
 
 class Pocketpacs(Server):
+    health_url = "http://127.0.0.1:{port}/healthz"
+
     def start(self) -> None:
         self.dicom_port, self.http_port = free_port(), free_port()
         while self.http_port == self.dicom_port:
@@ -320,17 +333,6 @@ class Pocketpacs(Server):
 
     def healthz(self) -> tuple[int, dict]:
         return http_get_json(f"http://127.0.0.1:{self.http_port}/healthz")
-
-    def is_ready(self) -> bool:
-        try:
-            status, _ = self.healthz()
-        except (OSError, ValueError):
-            return False
-        if status != 200:
-            return False
-        with socket.socket() as probe:
-            probe.settimeout(1)
-            return probe.connect_ex(("127.0.0.1", self.dicom_port)) == 0
 
     def wait_durable(self, timeout: float = 1800.0, interval: float = 0.1) -> tuple[float, dict]:
         """Poll /healthz until ingest_spool.pending == 0; returns the moment and last body."""
@@ -413,6 +415,8 @@ class Pocketpacs(Server):
 
 
 class Orthanc(Server):
+    health_url = "http://127.0.0.1:{port}/system"
+
     def start(self, shim: Path) -> None:
         self.dicom_port, self.http_port = free_port(), free_port()
         while self.http_port == self.dicom_port:
@@ -445,17 +449,6 @@ class Orthanc(Server):
         env["TCP_NODELAY"] = "1"
         env["LD_PRELOAD"] = str(shim)
         self._spawn([ORTHANC, str(config_path)], env, self.workdir)
-
-    def is_ready(self) -> bool:
-        try:
-            status, _ = http_get_json(f"http://127.0.0.1:{self.http_port}/system")
-        except (OSError, ValueError):
-            return False
-        if status != 200:
-            return False
-        with socket.socket() as probe:
-            probe.settimeout(1)
-            return probe.connect_ex(("127.0.0.1", self.dicom_port)) == 0
 
     def statistics(self) -> dict:
         status, body = http_get_json(f"http://127.0.0.1:{self.http_port}/statistics", timeout=60)

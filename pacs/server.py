@@ -85,6 +85,9 @@ class DicomServer:
         # memory, and that file must be on the spool's filesystem so it can be linked
         # into the spool without a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's own handlers format a log record for every PDU and DIMSE message;
+        # we log one line per association instead (pacs.handlers), so skip that work.
+        _config.LOG_HANDLER_LEVEL = "none"
         tempfile.tempdir = str(self.context.spool.incoming)
         self._server = self._application_entity().start_server(
             (self.host, self.port), block=False, evt_handlers=bindings(self.context)

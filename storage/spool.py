@@ -148,7 +148,7 @@ class Spool:
         return len(self._pending_uids)
 
     def accept(self, item: InstanceToStore) -> StoreResult:
-        """Validate, fsync into ``ready/`` and answer; the item's file is moved, not copied."""
+        """Validate, fsync into ``ready/`` and answer; the file is hard-linked there, not copied."""
         started = time.perf_counter()
         result = self._accept(item)
         metrics.observe_store(item.origin.route, result.outcome, result.size, started)
