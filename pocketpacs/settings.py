@@ -24,7 +24,7 @@ class SettingsError(ValueError):
 class Settings(BaseModel):
     """Everything `pocketpacs` reads from its environment, validated once."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     data_dir: Path = Path("pocketpacs-data")
     dicom_port: int = Field(11112, ge=1, le=65535)
@@ -41,6 +41,13 @@ class Settings(BaseModel):
     ingest_workers: int = Field(8, ge=1, le=64)
     spool_limit_mb: int = Field(20_000, ge=1)
     open: bool = False
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value: Path) -> Path:
+        # Absolute, so every process on this directory (serve, import, check, started from
+        # anywhere) recognises the same embedded S3 server and spool.
+        return value.expanduser().resolve()
 
     @field_validator("ae_title")
     @classmethod
