@@ -239,3 +239,17 @@ def test_cli_reads_the_config_file_and_environment(
     err = capsys.readouterr().err
     assert "ae_title" in err
     assert "http_port" not in err
+
+
+def test_data_dir_is_made_absolute_so_every_process_finds_the_same_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve` started in one folder and `import` in another must name the same directory:
+    the embedded S3 server and the spool are recognised by their absolute path."""
+    monkeypatch.chdir(tmp_path)
+    default = load_settings({}, environ={}).data_dir
+    relative = load_settings({"data_dir": Path("archive")}, environ={}).data_dir
+    assert default == tmp_path / "pocketpacs-data"
+    assert relative == tmp_path / "archive"
+    monkeypatch.chdir("/")
+    assert load_settings({"data_dir": tmp_path / "archive"}, environ={}).data_dir == relative
