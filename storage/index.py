@@ -92,6 +92,20 @@ class _KnownRows:
 
 _INSTANCES = Instance.__table__
 
+# The columns of `StoredInstance`, in its field order.
+_STORED_INSTANCES = (
+    select(
+        Instance.sop_instance_uid,
+        Study.study_instance_uid,
+        Series.series_instance_uid,
+        Instance.object_key,
+        Instance.size,
+        Instance.sha256,
+    )
+    .join(Series, Instance.series_pk == Series.id)
+    .join(Study, Series.study_pk == Study.id)
+)
+
 
 @dataclass(frozen=True)
 class IndexEntry:
@@ -179,19 +193,7 @@ class Index:
         wanted = list(set(sop_instance_uids))
         if not wanted:
             return {}
-        query = (
-            select(
-                Instance.sop_instance_uid,
-                Study.study_instance_uid,
-                Series.series_instance_uid,
-                Instance.object_key,
-                Instance.size,
-                Instance.sha256,
-            )
-            .join(Series, Instance.series_pk == Series.id)
-            .join(Study, Series.study_pk == Study.id)
-            .where(Instance.sop_instance_uid.in_(wanted))
-        )
+        query = _STORED_INSTANCES.where(Instance.sop_instance_uid.in_(wanted))
         try:
             with self.engine.connect() as connection:
                 rows = connection.execute(query).all()
@@ -338,20 +340,7 @@ class Index:
         """Every indexed instance in the bucket's listing order (bytewise by object key),
         streamed from one server-side cursor, so `check` can merge the two lists."""
         key = Instance.object_key if self.is_sqlite else Instance.object_key.collate("C")
-        query = (
-            select(
-                Instance.sop_instance_uid,
-                Study.study_instance_uid,
-                Series.series_instance_uid,
-                Instance.object_key,
-                Instance.size,
-                Instance.sha256,
-            )
-            .join(Series, Instance.series_pk == Series.id)
-            .join(Study, Series.study_pk == Study.id)
-            .order_by(key)
-            .execution_options(yield_per=5000)
-        )
+        query = _STORED_INSTANCES.order_by(key).execution_options(yield_per=5000)
         try:
             with self.session() as session:
                 for row in session.execute(query):

@@ -82,10 +82,6 @@ class StoreResult:
     def sop_instance_uid(self) -> str:
         return self.header.sop_instance_uid if self.header else ""
 
-    @property
-    def sop_class_uid(self) -> str:
-        return self.header.sop_class_uid if self.header else ""
-
 
 Listener = Callable[[StoreResult], None]
 

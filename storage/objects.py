@@ -136,26 +136,9 @@ class ObjectStore:
             response.close()
             response.release_conn()
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        response = self._call(
-            f"get {key}", self._client.get_object, self.bucket, key, offset=offset, length=length
-        )
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
-
     def stat(self, key: str) -> ObjectInfo:
         info = self._call(f"stat {key}", self._client.stat_object, self.bucket, key)
         return ObjectInfo(key=key, size=int(info.size or 0))
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.stat(key)
-        except ObjectNotFound:
-            return False
-        return True
 
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", self._client.remove_object, self.bucket, key)

@@ -81,6 +81,7 @@ class SpoolBusy(RuntimeError):
 
 @dataclass(frozen=True)
 class _Pending:
+    uid: str  # SOP Instance UID
     path: Path
     origin: Origin
     header: InstanceHeader | None
@@ -185,7 +186,7 @@ class Spool:
             self._release(uid, size)
             reason = f"cannot write the ingest spool: {exc.strerror}"
             return StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason, header)
-        self._queue.put(_Pending(target, item.origin, header, size))
+        self._queue.put(_Pending(uid, target, item.origin, header, size))
         return StoreResult(StoreOutcome.STORED, "", header, size=size)
 
     def _reserve(self, uid: str, size: int) -> None:
@@ -222,9 +223,10 @@ class Spool:
             except (IndexError, ValueError, KeyError):
                 origin = Origin(institution="", route="cstore")
             size = path.stat().st_size
+            uid = path.name.split("~", 1)[0]
             with self._lock:
-                self._reserve(path.name.split("~", 1)[0], size)
-            self._queue.put(_Pending(path, origin, None, size))
+                self._reserve(uid, size)
+            self._queue.put(_Pending(uid, path, origin, None, size))
         self.start()
         while not self.wait_idle(timeout=1.0):
             if self._failure is not None:
@@ -299,7 +301,7 @@ class Spool:
                     metrics.SPOOL_DRAINED.inc()
                 else:
                     self._set_aside(pending, result.reason)
-                self._release(pending.path.name.split("~", 1)[0], pending.size)
+                self._release(pending.uid, pending.size)
             if retry:
                 reason = next(
                     r.reason for r in results if r.outcome is StoreOutcome.OUT_OF_RESOURCES
