@@ -2,12 +2,13 @@
 
 Each handler is small and states its contract. A handler that raises is answered by
 pynetdicom with a failure status (0xC211 for C-STORE) and logged; the association goes on.
+The store itself and the log line live on `DicomContext`, shared with the lean acceptor
+(`pacs.storage_acceptor`) that serves store-only associations.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -31,7 +32,7 @@ Identify = Callable[[str, str], str]
 
 
 @dataclass
-class _AssociationTally:
+class AssociationTally:
     """What one association did, for its single log line."""
 
     calling_ae: str
@@ -44,73 +45,55 @@ class _AssociationTally:
 
 @dataclass
 class DicomContext:
-    """What the handlers share: where instances go and who the callers are."""
+    """What every association shares, whichever acceptor serves it: where instances go,
+    who the callers are, and each association's tally for its log line."""
 
     spool: Spool
     identify: Identify
-    tallies: weakref.WeakKeyDictionary[Association, _AssociationTally] = field(
+    tallies: weakref.WeakKeyDictionary[Association, AssociationTally] = field(
         default_factory=weakref.WeakKeyDictionary
     )
 
-    def tally(self, assoc: Association) -> _AssociationTally:
+    def tally(self, assoc: Association) -> AssociationTally:
         found = self.tallies.get(assoc)
         if found is None:
             requestor = assoc.requestor
-            found = _AssociationTally(requestor.ae_title.strip(), requestor.address)
+            found = AssociationTally(requestor.ae_title.strip(), requestor.address)
             self.tallies[assoc] = found
         return found
 
+    def store(
+        self, tally: AssociationTally, path: Path, sop_class_uid: str, sop_instance_uid: str
+    ) -> tuple[int, str]:
+        """C-STORE (PS3.4 B.2.3): one received data set, a Part 10 file at `path`, into the
+        ingest spool. Returns the DIMSE status and an Error Comment ("" on success).
 
-def handle_connection_open(event: Event) -> None:
-    """EVT_CONN_OPEN: switch Nagle off, or every response waits ~40 ms for a delayed ACK."""
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def handle_echo(event: Event) -> int:
-    """EVT_C_ECHO (PS3.4 A.4): the Verification SCP always answers Success."""
-    return VerificationStatus.SUCCESS
-
-
-def handle_store(event: Event, context: DicomContext) -> Dataset:
-    """EVT_C_STORE (PS3.4 B.2.3).
-
-    The data set arrives as a Part 10 file (chunked receive) and goes through the ingest
-    spool. Returns Success (0x0000) once it is durable, or a failure with an Error Comment:
-    0xA700 out of resources (bucket, index or spool unavailable), 0xA900 data set does not
-    match the SOP class (missing or malformed UIDs), 0xC000 cannot understand.
-    """
-    request = event.request
-    tally = context.tally(event.assoc)
-    origin = Origin(
-        institution=context.identify(tally.calling_ae, tally.address),
-        calling_ae=tally.calling_ae,
-        route="cstore",
-    )
-    item = InstanceToStore(
-        path=Path(event.dataset_path),
-        origin=origin,
-        expected_sop_class_uid=str(request.AffectedSOPClassUID or ""),
-        expected_sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
-    )
-    result = context.spool.accept(item)
-    tally.counts[result.outcome] = tally.counts.get(result.outcome, 0) + 1
-    status = Dataset()
-    status.Status = result.outcome.dimse_status
-    if result.outcome.ok:
-        tally.bytes += result.size
-    else:
+        Success (0x0000) once the instance is durable; 0xA700 out of resources (bucket,
+        index or spool unavailable), 0xA900 data set does not match the SOP class (missing
+        or malformed UIDs), 0xC000 cannot understand.
+        """
+        origin = Origin(
+            institution=self.identify(tally.calling_ae, tally.address),
+            calling_ae=tally.calling_ae,
+            route="cstore",
+        )
+        item = InstanceToStore(
+            path=path,
+            origin=origin,
+            expected_sop_class_uid=sop_class_uid,
+            expected_sop_instance_uid=sop_instance_uid,
+        )
+        result = self.spool.accept(item)
+        tally.counts[result.outcome] = tally.counts.get(result.outcome, 0) + 1
+        if result.outcome.ok:
+            tally.bytes += result.size
+            return result.outcome.dimse_status, ""
         tally.last_failure = result.reason
-        status.ErrorComment = result.reason[:ERROR_COMMENT_LENGTH]
-    return status
+        return result.outcome.dimse_status, result.reason[:ERROR_COMMENT_LENGTH]
 
 
-def handle_connection_close(event: Event, context: DicomContext) -> None:
-    """EVT_CONN_CLOSE: one log line per association saying what was stored from whom."""
-    tally = context.tallies.pop(event.assoc, None)
-    if tally is None:
-        return
+def log_association(tally: AssociationTally) -> None:
+    """One log line per association saying what was stored from whom."""
     seconds = time.monotonic() - tally.started
     parts = [f"{count} {outcome.label}" for outcome, count in tally.counts.items()]
     line = (
@@ -123,6 +106,34 @@ def handle_connection_close(event: Event, context: DicomContext) -> None:
         log.info(line)
 
 
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO (PS3.4 A.4): the Verification SCP always answers Success."""
+    return VerificationStatus.SUCCESS
+
+
+def handle_store(event: Event, context: DicomContext) -> Dataset:
+    """EVT_C_STORE: the data set arrives as a Part 10 file (chunked receive)."""
+    request = event.request
+    status, comment = context.store(
+        context.tally(event.assoc),
+        Path(event.dataset_path),
+        str(request.AffectedSOPClassUID or ""),
+        str(request.AffectedSOPInstanceUID or ""),
+    )
+    answer = Dataset()
+    answer.Status = status
+    if comment:
+        answer.ErrorComment = comment
+    return answer
+
+
+def handle_connection_close(event: Event, context: DicomContext) -> None:
+    """EVT_CONN_CLOSE: log the association's line."""
+    tally = context.tallies.pop(event.assoc, None)
+    if tally is not None:
+        log_association(tally)
+
+
 def handle_accepted(event: Event, context: DicomContext) -> None:
     """EVT_ACCEPTED: start the association's tally once the calling AE title is known."""
     context.tally(event.assoc)
@@ -131,7 +142,6 @@ def handle_accepted(event: Event, context: DicomContext) -> None:
 def bindings(context: DicomContext) -> list:
     """Every event the listener handles, with its handler: the one place they are bound."""
     return [
-        (evt.EVT_CONN_OPEN, handle_connection_open),
         (evt.EVT_ACCEPTED, handle_accepted, [context]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),

@@ -4,7 +4,10 @@ transfer syntax pynetdicom knows, data sets received straight to disk (chunked).
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
 import tempfile
+import threading
 
 from pydicom import uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
@@ -12,6 +15,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.handlers import DicomContext, Identify, bindings
+from pacs.storage_acceptor import StorageAcceptor
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.dicom")
@@ -56,6 +60,37 @@ def transfer_syntax_preference() -> list[str]:
     return [str(ts) for ts in (*head, *tail)]
 
 
+class _Listener(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with store-only associations taken by the lean
+    `StorageAcceptor` and TCP_NODELAY on every connection (else each response waits
+    ~40 ms for a delayed ACK)."""
+
+    def __init__(self, *args, acceptor: StorageAcceptor, **kwargs) -> None:
+        self.acceptor = acceptor
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        try:
+            taken = self.acceptor.take(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            taken = True
+        if taken:
+            self.shutdown_request(request)
+        else:
+            super().process_request_thread(request, client_address)
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (this server is not in the AE's own list)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 class DicomServer:
     """One AE title on one port, storing through the ingest spool."""
 
@@ -66,7 +101,7 @@ class DicomServer:
         self.host = host
         self.port = port
         self.context = DicomContext(spool=spool, identify=identify)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _Listener | None = None
 
     def _application_entity(self) -> AE:
         ae = AE(ae_title=self.ae_title)
@@ -89,10 +124,24 @@ class DicomServer:
         # we log one line per association instead (pacs.handlers), so skip that work.
         _config.LOG_HANDLER_LEVEL = "none"
         tempfile.tempdir = str(self.context.spool.incoming)
-        self._server = self._application_entity().start_server(
-            (self.host, self.port), block=False, evt_handlers=bindings(self.context)
+        ae = self._application_entity()
+        acceptor = StorageAcceptor(
+            self.ae_title,
+            ae.supported_contexts,
+            MAXIMUM_PDU_SIZE,
+            MAXIMUM_ASSOCIATIONS,
+            self.context,
+        )
+        self._server = ae.make_server(
+            (self.host, self.port),
+            evt_handlers=bindings(self.context),
+            server_class=_Listener,
+            acceptor=acceptor,
         )
         self.port = self._server.server_address[1]
+        threading.Thread(
+            target=self._server.serve_forever, name="dicom-listener", daemon=True
+        ).start()
         log.info("DICOM listener %s on %s:%d", self.ae_title, self.host, self.port)
 
     def stop(self) -> None:
