@@ -95,6 +95,7 @@ def serve(settings: Settings) -> None:
             settings.data_dir / "spool",
             core.pipeline,
             limit_bytes=settings.spool_limit_mb * 1024 * 1024,
+            defer_seconds=settings.spool_defer_seconds,
         )
         replayed = spool.replay()
         if replayed:

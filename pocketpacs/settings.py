@@ -40,6 +40,7 @@ class Settings(BaseModel):
     public_url: str | None = None
     ingest_workers: int = Field(8, ge=1, le=64)
     spool_limit_mb: int = Field(20_000, ge=1)
+    spool_defer_seconds: float = Field(30.0, ge=0, le=3600)
     open: bool = False
 
     @field_validator("data_dir")

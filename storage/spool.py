@@ -13,6 +13,14 @@ Rules that keep it honest:
   a short burst, never an outage;
 - the spool is bounded (`limit_bytes`); past it senders get 0xA700 too.
 
+While senders are active the drain stands back: on a small machine the PUTs, the index
+writes and the S3 server take as much CPU and disk as receiving does, and draining at the
+same time halves the rate every sender sees (bench/RESULTS.md). An acknowledged instance
+is already durable here, so the drain waits for a pause of `QUIET_SECONDS`, within
+bounds: never once the oldest waiting instance has waited `defer_seconds` (so under a
+steady stream instances still reach the index that much later at most), nor once the
+spool holds half its limit.
+
 Layout under the spool directory: ``incoming/`` receives data as it arrives (pynetdicom's
 temporary files; never acknowledged, cleared at start), ``ready/`` holds acknowledged
 instances waiting for the bucket, ``rejected/`` keeps files that fail validation on replay.
@@ -41,6 +49,8 @@ from storage.ingest import IngestPipeline, InstanceToStore, StoreOutcome, StoreR
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 2.0
+# A pause in receiving this long lets the drain run (see the module docstring).
+QUIET_SECONDS = 0.3
 # A drain batch: this many instances or this many bytes, whichever comes first.
 BATCH_INSTANCES = 32
 BATCH_BYTES = 256 * 1024 * 1024
@@ -86,6 +96,7 @@ class _Pending:
     origin: Origin
     header: InstanceHeader | None
     size: int
+    accepted_at: float = 0.0  # time.monotonic() when acknowledged; 0 for replayed files
 
 
 class Spool:
@@ -97,6 +108,7 @@ class Spool:
         pipeline: IngestPipeline,
         workers: int = 2,
         limit_bytes: int = 20 * 1024**3,
+        defer_seconds: float = 30.0,
     ) -> None:
         self.directory = directory
         self.incoming = directory / "incoming"
@@ -108,6 +120,8 @@ class Spool:
         self.pipeline = pipeline
         self.workers = workers
         self.limit_bytes = limit_bytes
+        self.defer_seconds = defer_seconds
+        self._last_accept = 0.0
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending_bytes = 0
@@ -151,6 +165,7 @@ class Spool:
     def accept(self, item: InstanceToStore) -> StoreResult:
         """Validate, fsync into ``ready/`` and answer; the file is hard-linked there, not copied."""
         started = time.perf_counter()
+        self._last_accept = time.monotonic()
         result = self._accept(item)
         metrics.observe_store(item.origin.route, result.outcome, result.size, started)
         return result
@@ -186,7 +201,7 @@ class Spool:
             self._release(uid, size)
             reason = f"cannot write the ingest spool: {exc.strerror}"
             return StoreResult(StoreOutcome.OUT_OF_RESOURCES, reason, header)
-        self._queue.put(_Pending(uid, target, item.origin, header, size))
+        self._queue.put(_Pending(uid, target, item.origin, header, size, time.monotonic()))
         return StoreResult(StoreOutcome.STORED, "", header, size=size)
 
     def _reserve(self, uid: str, size: int) -> None:
@@ -272,6 +287,7 @@ class Spool:
             first = self._queue.get()
             if first is None:
                 return
+            self._stand_back(first)
             batch = [first]
             size = first.size
             while len(batch) < BATCH_INSTANCES and size < BATCH_BYTES:
@@ -285,6 +301,20 @@ class Spool:
                 batch.append(more)
                 size += more.size
             self._drain(batch)
+
+    def _stand_back(self, oldest: _Pending) -> None:
+        """Wait while senders are active, within the bounds of the module docstring."""
+        while True:
+            now = time.monotonic()
+            quiet = now - self._last_accept
+            waited = now - oldest.accepted_at
+            if (
+                quiet >= QUIET_SECONDS
+                or waited >= self.defer_seconds
+                or self._pending_bytes * 2 >= self.limit_bytes
+            ):
+                return
+            time.sleep(min(QUIET_SECONDS - quiet, self.defer_seconds - waited))
 
     def _drain(self, batch: list[_Pending]) -> None:
         """Store a batch through the pipeline, retrying what fails for want of resources."""
