@@ -21,10 +21,13 @@ from storage.spool import Spool
 log = logging.getLogger("pocketpacs.dicom")
 
 MAXIMUM_ASSOCIATIONS = 64
-# Not "unlimited" (0): a peer told 0 may send a whole data set as one PDU (pynetdicom's SCU
-# does), and a PDU is read into memory whole. 4 MiB bounds that and is still 32 times
-# DCMTK's largest PDU, so no peer sends more, smaller PDUs because of it.
+# Associations served by pynetdicom (those that mix storage with other services): not
+# "unlimited" (0), since a peer told 0 may send a whole data set as one PDU (pynetdicom's
+# SCU does) and pynetdicom reads a PDU into memory whole. 4 MiB bounds that and is still
+# 32 times DCMTK's largest PDU.
 MAXIMUM_PDU_SIZE = 4 * 1024 * 1024
+# The lean acceptor streams every PDV to disk as it arrives, so it can take any PDU size.
+UNLIMITED_PDU_SIZE = 0
 
 
 # Lossless encapsulated syntaxes: a sender offering one of these holds its data that way.
@@ -128,7 +131,7 @@ class DicomServer:
         acceptor = StorageAcceptor(
             self.ae_title,
             ae.supported_contexts,
-            MAXIMUM_PDU_SIZE,
+            UNLIMITED_PDU_SIZE,
             MAXIMUM_ASSOCIATIONS,
             self.context,
         )

@@ -5,9 +5,10 @@ every event between threads that poll with short sleeps. For a 0.5 MB CT slice t
 about 7 ms of CPU, which caps the whole process near 130 instances/s under the GIL. An
 association that proposes nothing but Storage and Verification needs a small part of
 PS3.8, so this module serves it on the socket directly: pynetdicom still decodes the
-A-ASSOCIATE-RQ, negotiates the presentation contexts and encodes every answer, and each
-data set streams from the socket into a Part 10 file in the spool's ``incoming/``
-directory as it arrives, never held whole in memory.
+A-ASSOCIATE-RQ, negotiates the presentation contexts and encodes the A-ASSOCIATE-AC; the
+few command sets are read and written by `pacs.commands`; and each data set streams from
+the socket into a Part 10 file in the spool's ``incoming/`` directory as it arrives,
+never held whole in memory, whatever the PDU size.
 
 Anything else (query, retrieve, role selection, user identity, extended negotiation, a
 wrong called AE title) is left, unread, to pynetdicom: the A-ASSOCIATE-RQ is only peeked
@@ -17,7 +18,6 @@ at until this module decides to take the association.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -27,14 +27,10 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
-from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP, DIMSEMessage
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
-from pynetdicom.dsutils import create_file_meta, decode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     ImplementationClassUIDNotification,
@@ -47,6 +43,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from pacs import commands
 from pacs.handlers import AssociationTally, DicomContext, log_association
 from pacs.statuses import VerificationStatus
 
@@ -65,10 +62,7 @@ REJECT_BUSY = b"\x03\x00\x00\x00\x00\x04\x00\x02\x03\x02"
 PDU_HEADER = struct.Struct(">BxL")
 PDV_HEADER = struct.Struct(">LBB")
 
-# DIMSE (PS3.7 9.3 and E.1): Command Field values, and "no data set follows".
-C_STORE_RQ = 0x0001
-C_ECHO_RQ = 0x0030
-NO_DATA_SET = 0x0101
+# PS3.7 C.4.2: the status for a failure of our own making.
 PROCESSING_FAILURE = 0x0110
 
 # A larger A-ASSOCIATE-RQ than this is left to pynetdicom (real ones are a few KiB).
@@ -290,31 +284,25 @@ class _Session:
         if not last:
             return
         try:
-            command = decode(io.BytesIO(bytes(self.command)), True, True)
-            field = int(command.CommandField)
-            message_id = int(command.MessageID)
-            has_data_set = int(command.CommandDataSetType) != NO_DATA_SET
-        except Exception as exc:  # pydicom raises anything on a damaged command set
+            command = commands.decode_command(bytes(self.command))
+        except commands.MalformedCommand as exc:
             raise ProtocolError(f"undecodable command set: {exc}") from exc
         finally:
             self.command.clear()
-        if field == C_ECHO_RQ and not has_data_set:
-            echo = C_ECHO()
-            echo.MessageIDBeingRespondedTo = message_id
-            echo.AffectedSOPClassUID = self.contexts[context_id].abstract_syntax
-            echo.Status = VerificationStatus.SUCCESS
-            self._answer(context_id, echo, C_ECHO_RSP())
-        elif field == C_STORE_RQ and has_data_set:
+        if command.command_field == commands.C_ECHO_RQ and not command.has_data_set:
+            answer = commands.encode_response(
+                commands.C_ECHO_RSP,
+                command.message_id,
+                self.contexts[context_id].abstract_syntax,
+                VerificationStatus.SUCCESS,
+            )
+            self._answer(context_id, answer)
+        elif command.command_field == commands.C_STORE_RQ and command.has_data_set:
             self.store = _IncomingDataSet(
-                context_id=context_id,
-                message_id=message_id,
-                sop_class_uid=str(command.get("AffectedSOPClassUID", "")),
-                sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
-                transfer_syntax=self.contexts[context_id].transfer_syntax[0],
-                directory=self.acceptor.context.spool.incoming,
+                command, context_id, self.contexts[context_id].transfer_syntax[0], self.acceptor
             )
         else:
-            raise ProtocolError(f"DIMSE command 0x{field:04X} is not served here")
+            raise ProtocolError(f"DIMSE command 0x{command.command_field:04X} is not served here")
 
     def _data_fragment(self, context_id: int, size: int, last: bool) -> None:
         store = self.store
@@ -332,31 +320,40 @@ class _Session:
 
     def _finish(self, store: _IncomingDataSet) -> None:
         store.close()
+        request = store.command
         try:
             status, comment = self.acceptor.context.store(
-                self.tally, store.path, store.sop_class_uid, store.sop_instance_uid
+                self.tally,
+                store.path,
+                request.affected_sop_class_uid,
+                request.affected_sop_instance_uid,
             )
         except Exception:
-            log.exception("storing %s failed", store.sop_instance_uid)
+            log.exception("storing %s failed", request.affected_sop_instance_uid)
             status, comment = PROCESSING_FAILURE, "internal error, see the archive's log"
         finally:
             store.discard()
-        answer = C_STORE()
-        answer.MessageIDBeingRespondedTo = store.message_id
-        answer.AffectedSOPClassUID = store.sop_class_uid
-        answer.AffectedSOPInstanceUID = store.sop_instance_uid
-        answer.Status = status
-        if comment:
-            answer.ErrorComment = comment
-        self._answer(store.context_id, answer, C_STORE_RSP())
+        answer = commands.encode_response(
+            commands.C_STORE_RSP,
+            request.message_id,
+            request.affected_sop_class_uid,
+            status,
+            request.affected_sop_instance_uid,
+            comment,
+        )
+        self._answer(store.context_id, answer)
 
-    def _answer(self, context_id: int, primitive: C_ECHO | C_STORE, message: DIMSEMessage) -> None:
-        message.primitive_to_message(primitive)
+    def _answer(self, context_id: int, command: bytes) -> None:
+        """Send a command set as P-DATA-TF PDUs no larger than the peer accepts."""
+        largest = self.peer_maximum_pdu - PDV_HEADER.size if self.peer_maximum_pdu else 0
+        if largest <= 0:
+            largest = len(command)
         out = bytearray()
-        for p_data in message.encode_msg(context_id, self.peer_maximum_pdu):
-            pdu = P_DATA_TF()
-            pdu.from_primitive(p_data)
-            out += pdu.encode()
+        for start in range(0, len(command), largest):
+            fragment = command[start : start + largest]
+            control = 0x03 if start + largest >= len(command) else 0x01
+            out += PDU_HEADER.pack(P_DATA_TF_TYPE, PDV_HEADER.size + len(fragment))
+            out += PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
         self.sock.sendall(out)
 
 
@@ -366,31 +363,23 @@ class _IncomingDataSet:
 
     def __init__(
         self,
-        *,
+        command: commands.Command,
         context_id: int,
-        message_id: int,
-        sop_class_uid: str,
-        sop_instance_uid: str,
         transfer_syntax: str,
-        directory: Path,
+        acceptor: StorageAcceptor,
     ) -> None:
+        self.command = command
         self.context_id = context_id
-        self.message_id = message_id
-        self.sop_class_uid = sop_class_uid
-        self.sop_instance_uid = sop_instance_uid
-        self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
+        self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=acceptor.context.spool.incoming)
         self.path = Path(name)
-        head = io.BytesIO()
-        head.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(
-            head,
-            create_file_meta(
-                sop_class_uid=UID(sop_class_uid),
-                sop_instance_uid=UID(sop_instance_uid),
-                transfer_syntax=UID(transfer_syntax),
-            ),
+        head = commands.encode_file_meta(
+            command.affected_sop_class_uid,
+            command.affected_sop_instance_uid,
+            transfer_syntax,
+            PYNETDICOM_IMPLEMENTATION_UID,
+            PYNETDICOM_IMPLEMENTATION_VERSION,
         )
-        self.write(head.getbuffer())
+        self.write(memoryview(head))
 
     def write(self, data: memoryview) -> None:
         while data:

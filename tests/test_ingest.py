@@ -466,6 +466,41 @@ def test_spool_accepts_then_drains(pipeline: IngestPipeline, tmp_path: Path) -> 
         spool.close()
 
 
+def test_spool_drain_waits_for_a_pause_in_sending_but_no_longer_than_its_bound(
+    pipeline: IngestPipeline, tmp_path: Path
+) -> None:
+    """While a sender keeps sending, acknowledged instances wait in the spool, but never
+    longer than `defer_seconds`; once the sender pauses, everything is drained."""
+    spool = Spool(tmp_path / "spool", pipeline, workers=1, defer_seconds=2.0)
+    paths = ct_series(tmp_path / "ct", count=40)
+    uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    spool.start()
+    try:
+        started = time.monotonic()
+        drained_at: float | None = None
+        checked_early = False
+        for number, path in enumerate(paths):  # one instance every 0.1 s for 4 s
+            assert spool.accept(item(path)).outcome is StoreOutcome.STORED
+            elapsed = time.monotonic() - started
+            if 1.0 <= elapsed < 1.8 and not checked_early:
+                # Still sending, well within the bound: nothing has been drained yet.
+                assert pipeline.index.find(uids[0]) is None
+                assert spool.pending == number + 1
+                checked_early = True
+            if drained_at is None and pipeline.index.find(uids[0]) is not None:
+                drained_at = elapsed
+            time.sleep(max(0.0, 0.1 * (number + 1) - (time.monotonic() - started)))
+        assert checked_early
+        # The first instance reached the index while the sender was still sending,
+        # after the bound (2 s) and well before the sending stopped (4 s).
+        assert drained_at is not None, "nothing drained while the sender kept sending"
+        assert 1.9 <= drained_at < 3.9, drained_at
+        assert spool.wait_idle(timeout=30)
+        assert all(pipeline.index.find(uid) is not None for uid in uids)
+    finally:
+        spool.close()
+
+
 def test_spool_refuses_invalid_data_at_once(pipeline: IngestPipeline, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", pipeline, workers=1)
     result = spool.accept(item(_truncated_native(tmp_path)))

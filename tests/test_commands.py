@@ -1,0 +1,99 @@
+"""`pacs.commands` reads and writes what pynetdicom and pydicom read and write."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, JPEG2000Lossless
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.sop_class import Verification
+
+from pacs import commands
+
+SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.12345678901234567890"
+
+
+def _command_set(primitive, message) -> bytes:
+    message.primitive_to_message(primitive)
+    return encode(message.command_set, True, True)
+
+
+def test_decodes_a_c_store_request_as_pynetdicom_encodes_it() -> None:
+    request = C_STORE()
+    request.MessageID = 7
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = SOP_INSTANCE
+    request.Priority = 0
+    request.MoveOriginatorApplicationEntityTitle = "MOVER"
+    request.MoveOriginatorMessageID = 3
+    request.DataSet = BytesIO(b"")
+    command = commands.decode_command(_command_set(request, C_STORE_RQ()))
+    assert command == commands.Command(
+        command_field=commands.C_STORE_RQ,
+        message_id=7,
+        has_data_set=True,
+        affected_sop_class_uid=CTImageStorage,
+        affected_sop_instance_uid=SOP_INSTANCE,
+    )
+
+
+def test_decodes_a_c_echo_request() -> None:
+    request = C_ECHO()
+    request.MessageID = 65535
+    request.AffectedSOPClassUID = Verification
+    command = commands.decode_command(_command_set(request, C_ECHO_RQ()))
+    assert command.command_field == commands.C_ECHO_RQ
+    assert command.message_id == 65535
+    assert not command.has_data_set
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x00\x00\x00", b"\x08\x00\x16\x00\x02\x00\x00\x00ab", b"\x00\x00\x00\x01\xff\x00\x00\x00"],
+    ids=["cut-header", "not-group-0000", "length-past-end"],
+)
+def test_refuses_what_is_not_a_command_set(data: bytes) -> None:
+    with pytest.raises(commands.MalformedCommand):
+        commands.decode_command(data)
+
+
+def test_refuses_a_command_without_command_field() -> None:
+    with pytest.raises(commands.MalformedCommand, match="0100"):
+        commands.decode_command(b"\x00\x00\x10\x01\x02\x00\x00\x00\x01\x00")
+
+
+@pytest.mark.parametrize("comment", ["", "truncated: pixel data needs 10 bytes"])
+def test_c_store_response_reads_back_with_pydicom(comment: str) -> None:
+    raw = commands.encode_response(
+        commands.C_STORE_RSP, 9, CTImageStorage, 0xC000, SOP_INSTANCE + "1", comment
+    )
+    ds = decode(BytesIO(raw), True, True)
+    assert ds.CommandGroupLength == len(raw) - 12
+    assert ds.CommandField == 0x8001
+    assert ds.MessageIDBeingRespondedTo == 9
+    assert ds.CommandDataSetType == 0x0101
+    assert ds.Status == 0xC000
+    assert ds.AffectedSOPClassUID == CTImageStorage
+    assert ds.AffectedSOPInstanceUID == SOP_INSTANCE + "1"
+    assert ds.get("ErrorComment", "") == comment
+
+
+def test_file_meta_reads_back_with_pydicom() -> None:
+    head = commands.encode_file_meta(
+        CTImageStorage, SOP_INSTANCE, JPEG2000Lossless, "1.2.3.4", "POCKET_1"
+    )
+    # An empty data set after the meta: pydicom reads the file whole.
+    ds = dcmread(BytesIO(head))
+    meta = ds.file_meta
+    assert head[:132] == b"\x00" * 128 + b"DICM"
+    assert meta.FileMetaInformationVersion == b"\x00\x01"
+    assert meta.MediaStorageSOPClassUID == CTImageStorage
+    assert meta.MediaStorageSOPInstanceUID == SOP_INSTANCE
+    assert meta.TransferSyntaxUID == JPEG2000Lossless
+    assert meta.ImplementationClassUID == "1.2.3.4"
+    assert meta.ImplementationVersionName == "POCKET_1"
+    assert meta.FileMetaInformationGroupLength == len(head) - 132 - 12
