@@ -328,6 +328,8 @@ class Pocketpacs(Server):
             str(self.http_port),
             "--host",
             "127.0.0.1",
+            # Any calling AE title, as Orthanc's default configuration accepts any sender.
+            "--open",
         ]
         self._spawn(command, env, REPO)
 

@@ -21,14 +21,16 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from pacs.statuses import ERROR_COMMENT_LENGTH, VerificationStatus
-from storage.index import Origin
+from storage import audit
+from storage.audit import AuditEntry, AuditLog
+from storage.index import IndexUnavailable, Origin
 from storage.ingest import InstanceToStore, StoreOutcome
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.dicom")
 
-# Calling AE title and peer address -> the institution it belongs to.
-Identify = Callable[[str, str], str]
+# Calling AE title and peer address -> the institution it belongs to, or None: refused.
+Identify = Callable[[str, str], str | None]
 
 
 @dataclass
@@ -37,6 +39,7 @@ class AssociationTally:
 
     calling_ae: str
     address: str
+    institution: str
     started: float = field(default_factory=time.monotonic)
     counts: dict[StoreOutcome, int] = field(default_factory=dict)
     bytes: int = 0
@@ -50,6 +53,7 @@ class DicomContext:
 
     spool: Spool
     identify: Identify
+    audit: AuditLog | None = None
     tallies: weakref.WeakKeyDictionary[Association, AssociationTally] = field(
         default_factory=weakref.WeakKeyDictionary
     )
@@ -58,9 +62,55 @@ class DicomContext:
         found = self.tallies.get(assoc)
         if found is None:
             requestor = assoc.requestor
-            found = AssociationTally(requestor.ae_title.strip(), requestor.address)
+            calling_ae = requestor.ae_title.strip()
+            institution = self.identify(calling_ae, requestor.address) or ""
+            found = AssociationTally(calling_ae, requestor.address, institution)
             self.tallies[assoc] = found
         return found
+
+    def finish(self, tally: AssociationTally) -> None:
+        """An association ended: its one log line, and its audit event if it stored."""
+        log_association(tally)
+        if self.audit is None or not tally.counts:
+            return
+        stored = sum(n for outcome, n in tally.counts.items() if outcome.ok)
+        failed = sum(tally.counts.values()) - stored
+        result = audit.OK if not failed else audit.PARTIAL if stored else audit.FAILED
+        detail = ", ".join(f"{n} {outcome.label}" for outcome, n in tally.counts.items())
+        if tally.last_failure:
+            detail += f"; last failure: {tally.last_failure}"
+        self._audit(
+            AuditEntry(
+                actor=tally.calling_ae,
+                institution=tally.institution,
+                action="store",
+                outcome=result,
+                source=tally.address,
+                instances=stored,
+                detail=detail,
+            )
+        )
+
+    def refuse(self, calling_ae: str, address: str, reason: str) -> None:
+        """An association refused before it began."""
+        log.warning("association from %r at %s refused: %s", calling_ae, address, reason)
+        self._audit(
+            AuditEntry(
+                actor=calling_ae,
+                action="associate",
+                outcome=audit.REFUSED,
+                source=address,
+                detail=reason,
+            )
+        )
+
+    def _audit(self, entry: AuditEntry) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.record(entry)
+        except IndexUnavailable as exc:
+            log.error("audit event lost (%s): %s", exc, entry)
 
     def store(
         self, tally: AssociationTally, path: Path, sop_class_uid: str, sop_instance_uid: str
@@ -73,7 +123,7 @@ class DicomContext:
         or malformed UIDs), 0xC000 cannot understand.
         """
         origin = Origin(
-            institution=self.identify(tally.calling_ae, tally.address),
+            institution=tally.institution,
             calling_ae=tally.calling_ae,
             route="cstore",
         )
@@ -131,7 +181,7 @@ def handle_connection_close(event: Event, context: DicomContext) -> None:
     """EVT_CONN_CLOSE: log the association's line."""
     tally = context.tallies.pop(event.assoc, None)
     if tally is not None:
-        log_association(tally)
+        context.finish(tally)
 
 
 def handle_accepted(event: Event, context: DicomContext) -> None:

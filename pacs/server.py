@@ -16,6 +16,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.handlers import DicomContext, Identify, bindings
 from pacs.storage_acceptor import StorageAcceptor
+from storage.audit import AuditLog
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.dicom")
@@ -98,12 +99,18 @@ class DicomServer:
     """One AE title on one port, storing through the ingest spool."""
 
     def __init__(
-        self, ae_title: str, host: str, port: int, spool: Spool, identify: Identify
+        self,
+        ae_title: str,
+        host: str,
+        port: int,
+        spool: Spool,
+        identify: Identify,
+        audit: AuditLog | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port
-        self.context = DicomContext(spool=spool, identify=identify)
+        self.context = DicomContext(spool=spool, identify=identify, audit=audit)
         self._server: _Listener | None = None
 
     def _application_entity(self) -> AE:

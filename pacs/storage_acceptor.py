@@ -10,9 +10,10 @@ few command sets are read and written by `pacs.commands`; and each data set stre
 the socket into a Part 10 file in the spool's ``incoming/`` directory as it arrives,
 never held whole in memory, whatever the PDU size.
 
-Anything else (query, retrieve, role selection, user identity, extended negotiation, a
-wrong called AE title) is left, unread, to pynetdicom: the A-ASSOCIATE-RQ is only peeked
-at until this module decides to take the association.
+Every association passes this module's gate first: a calling AE title the node registry
+does not know is rejected here. Anything else it does not serve (query, retrieve, role
+selection, user identity, extended negotiation, a wrong called AE title) is left, unread,
+to pynetdicom: the A-ASSOCIATE-RQ is only peeked at until this module decides.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from pacs import commands
-from pacs.handlers import AssociationTally, DicomContext, log_association
+from pacs.handlers import AssociationTally, DicomContext
 from pacs.statuses import VerificationStatus
 
 log = logging.getLogger("pocketpacs.dicom")
@@ -57,8 +58,10 @@ A_RELEASE_RQ_TYPE = 0x05
 A_ABORT_TYPE = 0x07
 RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"
-# A-ASSOCIATE-RJ: transient, service provider (presentation), local limit exceeded (9.3.4).
+# A-ASSOCIATE-RJ (9.3.4): transient, service provider (presentation), local limit exceeded;
+# and permanent, service user, calling AE title not recognised.
 REJECT_BUSY = b"\x03\x00\x00\x00\x00\x04\x00\x02\x03\x02"
+REJECT_CALLING_AE = b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x03"
 PDU_HEADER = struct.Struct(">BxL")
 PDV_HEADER = struct.Struct(">LBB")
 
@@ -104,9 +107,11 @@ class StorageAcceptor:
         self._slots = threading.BoundedSemaphore(maximum_associations)
 
     def take(self, sock: socket.socket, address: tuple[str, int]) -> bool:
-        """Serve the association on `sock` if it only stores and verifies.
+        """Gate every association, and serve it here if it only stores and verifies.
 
-        Returns False, with nothing read from the socket, when pynetdicom should serve it.
+        A caller the node registry does not know is rejected (calling AE title not
+        recognised); what is not a readable A-ASSOCIATE-RQ is aborted. Returns False, with
+        nothing read from the socket, when pynetdicom should serve the association.
         """
         timeout = sock.gettimeout()
         sock.settimeout(NETWORK_TIMEOUT)
@@ -114,7 +119,18 @@ class StorageAcceptor:
             request = _peek_request(sock)
         except OSError:
             request = None
-        accepted = self._negotiate(request) if request is not None else None
+        if request is None:
+            with contextlib.suppress(OSError):
+                sock.sendall(ABORT)
+            return True
+        calling_ae = request.calling_ae_title.strip()
+        institution = self.context.identify(calling_ae, address[0])
+        if institution is None:
+            _discard(sock, PDU_HEADER.size + _pdu_length(sock))
+            sock.sendall(REJECT_CALLING_AE)
+            self.context.refuse(calling_ae, address[0], "calling AE title not registered")
+            return True
+        accepted = self._negotiate(request)
         if accepted is None:
             sock.settimeout(timeout)
             return False
@@ -125,12 +141,12 @@ class StorageAcceptor:
         try:
             sock.sendall(self._accept_pdu(request, accepted))
             contexts = {cx.context_id: cx for cx in accepted if cx.result == 0}
-            tally = AssociationTally(request.calling_ae_title.strip(), address[0])
+            tally = AssociationTally(calling_ae, address[0], institution)
             session = _Session(sock, contexts, request.maximum_length_received or 0, self, tally)
             try:
                 session.run()
             finally:
-                log_association(tally)
+                self.context.finish(tally)
         finally:
             self._slots.release()
         return True

@@ -12,20 +12,23 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from pacs.handlers import Identify
 from pacs.server import DicomServer
 from pocketpacs.settings import Settings
+from storage.audit import AuditLog
 from storage.embedded_s3 import EmbeddedS3
 from storage.index import Index
 from storage.ingest import IngestPipeline
 from storage.objects import ObjectStore, ObjectStoreUnavailable
+from storage.registry import Registry
 from storage.spool import Spool
 from viewer_api.app import create_app
 from viewer_api.deps import Services
 
 log = logging.getLogger("pocketpacs")
 
-# The one institution of a development archive (`--open`), and of every caller until the
-# node registry maps AE titles to institutions.
+# The one institution of a development archive (`--open`): every caller the node registry
+# does not know belongs to it.
 DEFAULT_INSTITUTION = "default"
 
 
@@ -47,6 +50,31 @@ def _wait_for_bucket(objects: ObjectStore, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
+
+
+@contextmanager
+def open_index(settings: Settings) -> Iterator[Index]:
+    """The migrated index alone, for commands that change only the registry or read audit."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    index = Index(settings.index_url)
+    try:
+        index.migrate()
+        yield index
+    finally:
+        index.dispose()
+
+
+def dicom_identify(registry: Registry, open_access: bool) -> Identify:
+    """Calling AE title -> institution, from the node registry; unknown callers are refused
+    unless the archive runs `--open`."""
+
+    def identify(calling_ae: str, _address: str) -> str | None:
+        node = registry.node(calling_ae)
+        if node is not None:
+            return node.institution
+        return DEFAULT_INSTITUTION if open_access else None
+
+    return identify
 
 
 @contextmanager
@@ -106,7 +134,8 @@ def serve(settings: Settings) -> None:
             settings.host,
             settings.dicom_port,
             spool,
-            identify=lambda _calling_ae, _address: DEFAULT_INSTITUTION,
+            identify=dicom_identify(Registry(core.index), settings.open),
+            audit=AuditLog(core.index),
         )
         dicom.start()
         app = create_app(Services(objects=core.objects, index=core.index, spool=spool))

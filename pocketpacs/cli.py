@@ -8,17 +8,21 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pocketpacs.archive import DEFAULT_INSTITUTION, Core, open_core, serve
+from pocketpacs.archive import DEFAULT_INSTITUTION, Core, open_core, open_index, serve
 from pocketpacs.settings import Settings, SettingsError, load_settings
+from storage import audit
+from storage.audit import AuditEntry, AuditLog
 from storage.check import check
 from storage.embedded_s3 import EmbeddedS3Error
-from storage.index import IndexUnavailable, Origin
+from storage.index import Index, IndexUnavailable, Origin
 from storage.ingest import InstanceToStore, StoreOutcome, StoreResult
 from storage.objects import ObjectStoreUnavailable
+from storage.registry import Registry, RegistryError, parse_scopes
 from storage.spool import SpoolBusy
 
 log = logging.getLogger("pocketpacs")
@@ -31,6 +35,8 @@ def _configure_logging(verbose: bool) -> None:
     )
     # pynetdicom logs every PDU at INFO; our handlers log one line per association.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Alembic reports every check of the schema at INFO; migrations that run still show.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -120,6 +126,99 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.consistent else 1
 
 
+def _audit_change(index: Index, action: str, resource: str, institution: str = "") -> None:
+    AuditLog(index).record(
+        AuditEntry(
+            actor="cli", action=action, outcome=audit.OK, resource=resource, institution=institution
+        )
+    )
+
+
+def cmd_institutions(args: argparse.Namespace) -> int:
+    with open_index(_settings(args)) as index:
+        registry = Registry(index)
+        if args.action == "add":
+            registry.add_institution(args.name, args.description)
+            _audit_change(index, "institution.add", args.name, args.name)
+            print(f"institution {args.name} added")
+        else:
+            for name, description in registry.institutions():
+                print(f"{name}\t{description}")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    with open_index(_settings(args)) as index:
+        registry = Registry(index)
+        if args.action == "add":
+            node = registry.add_node(args.ae_title, args.host, args.port, args.institution)
+            _audit_change(index, "node.add", node.ae_title, node.institution)
+            print(f"node {node.ae_title} at {node.host}:{node.port} ({node.institution}) added")
+        elif args.action == "remove":
+            if not registry.remove_node(args.ae_title):
+                print(f"pocketpacs nodes: no node {args.ae_title!r}", file=sys.stderr)
+                return 1
+            _audit_change(index, "node.remove", args.ae_title)
+            print(f"node {args.ae_title} removed")
+        else:
+            for node in registry.nodes():
+                print(f"{node.ae_title}\t{node.host}:{node.port}\t{node.institution}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with open_index(_settings(args)) as index:
+        registry = Registry(index)
+        if args.action == "create":
+            key = registry.create_key(args.institution, parse_scopes(args.scope), args.label)
+            _audit_change(index, "key.create", key.key_id, key.institution)
+            print(key.token)
+            print(
+                f"key {key.key_id} for {key.institution} ({','.join(key.scopes)}): "
+                "shown once, store it now",
+                file=sys.stderr,
+            )
+        elif args.action == "revoke":
+            if not registry.revoke_key(args.key_id):
+                print(f"pocketpacs keys: no live key {args.key_id!r}", file=sys.stderr)
+                return 1
+            _audit_change(index, "key.revoke", args.key_id)
+            print(f"key {args.key_id} revoked")
+        else:
+            for key in registry.keys(args.institution):
+                state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
+                print(
+                    f"{key.key_id}\t{key.institution}\t{','.join(key.scopes)}\t{state}\t{key.label}"
+                )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with open_index(_settings(args)) as index:
+        entries = AuditLog(index).search(
+            institution=args.institution,
+            action=args.action,
+            actor=args.actor,
+            outcome=args.outcome,
+            since=args.since,
+            limit=args.limit,
+        )
+    for e in entries:
+        print(
+            f"{e.at:%Y-%m-%dT%H:%M:%S%z}\t{e.actor}\t{e.institution or '-'}\t{e.action}\t"
+            f"{e.outcome}\t{e.resource or '-'}\t{e.source or '-'}\t{e.instances}\t{e.detail}"
+        )
+    return 0
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="TOML configuration file")
@@ -151,6 +250,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repair", action="store_true", help="report only; re-index nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_check)
+
+    p = commands.add_parser("institutions", help="hospitals on the platform")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("add", parents=[common], help="register an institution")
+    a.add_argument("name")
+    a.add_argument("--description", default="")
+    actions.add_parser("list", parents=[common], help="list institutions")
+    p.set_defaults(func=cmd_institutions)
+
+    p = commands.add_parser("nodes", help="DICOM peers: calling AE titles, C-MOVE destinations")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("add", parents=[common], help="register a DICOM node")
+    a.add_argument("ae_title", metavar="AE")
+    a.add_argument("host")
+    a.add_argument("port", type=int)
+    a.add_argument("--institution", required=True)
+    a = actions.add_parser("remove", parents=[common], help="remove a DICOM node")
+    a.add_argument("ae_title", metavar="AE")
+    actions.add_parser("list", parents=[common], help="list DICOM nodes")
+    p.set_defaults(func=cmd_nodes)
+
+    p = commands.add_parser("keys", help="API keys of HTTP callers")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("create", parents=[common], help="create a key (shown once)")
+    a.add_argument("--institution", required=True)
+    a.add_argument("--scope", required=True, help="comma-separated: read,ingest,share,admin")
+    a.add_argument("--label", default="", help="what the key is for")
+    a = actions.add_parser("revoke", parents=[common], help="revoke a key at once")
+    a.add_argument("key_id", metavar="KEY_ID")
+    a = actions.add_parser("list", parents=[common], help="list keys (never their secrets)")
+    a.add_argument("--institution")
+    p.set_defaults(func=cmd_keys)
+
+    p = commands.add_parser("audit", parents=[common], help="read the audit trail, newest first")
+    p.add_argument("--institution")
+    p.add_argument("--action", help="e.g. store, associate, key.create")
+    p.add_argument("--actor", help="calling AE title, key id or cli")
+    p.add_argument("--outcome", choices=["ok", "partial", "failed", "refused"])
+    p.add_argument("--since", type=_timestamp, help="ISO 8601 date or time")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
@@ -161,6 +301,7 @@ def main(args: Sequence[str] | None = None) -> int:
         return parsed.func(parsed)
     except (
         SettingsError,
+        RegistryError,
         SpoolBusy,
         EmbeddedS3Error,
         ObjectStoreUnavailable,

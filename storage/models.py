@@ -102,3 +102,68 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     object_key: Mapped[str] = mapped_column(String(255), unique=True)
+
+
+# The registry and the audit trail (issue 3): who may call, with what, and what they did.
+
+
+class Institution(Base):
+    """A hospital on the platform; every caller and every stored study belongs to one."""
+
+    __tablename__ = "institutions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(LO, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Node(Base):
+    """A DICOM peer: its calling AE title identifies the institution, and C-MOVE sends to
+    its host and port."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    institution_pk: Mapped[int] = mapped_column(ForeignKey("institutions.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKey(Base):
+    """An HTTP caller's key. Only a SHA-256 of the secret is kept: the key is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    institution_pk: Mapped[int] = mapped_column(ForeignKey("institutions.id"))
+    scopes: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(LO, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """One thing somebody did or tried: who, for which institution, what, when, from where,
+    with what outcome, and how many instances it touched."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_at", "at"),
+        Index("ix_audit_events_institution_at", "institution", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(LO)  # calling AE title, key id, or "cli"
+    institution: Mapped[str] = mapped_column(LO, default="")
+    action: Mapped[str] = mapped_column(String(32))
+    resource: Mapped[str] = mapped_column(LO, default="")
+    source: Mapped[str] = mapped_column(LO, default="")  # peer address
+    outcome: Mapped[str] = mapped_column(String(16))
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str] = mapped_column(LO, default="")

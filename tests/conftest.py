@@ -118,7 +118,8 @@ class RunningArchive:
     log_path: Path
     process: subprocess.Popen | None = None
     ae_title: str = "POCKETPACS"
-    extra_args: list[str] = field(default_factory=list)
+    # Tests push with many calling AE titles; the node registry's own tests start without.
+    extra_args: list[str] = field(default_factory=lambda: ["--open"])
 
     @property
     def http(self) -> str:

@@ -64,10 +64,20 @@ def record(index: Index, h: InstanceHeader, size: int = 1000, sha: str = "0" * 6
 
 def test_migrate_creates_schema_and_is_idempotent(index: Index) -> None:
     tables = set(inspect(index.engine).get_table_names())
-    assert {"patients", "studies", "series", "instances", "alembic_version"} <= tables
+    assert {
+        "patients",
+        "studies",
+        "series",
+        "instances",
+        "institutions",
+        "nodes",
+        "api_keys",
+        "audit_events",
+        "alembic_version",
+    } <= tables
     with index.engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [
-            ("0001",)
+            ("0002",)
         ]
     assert record(index, header("1.2.3.1"))
 
@@ -76,7 +86,7 @@ def test_migrate_creates_schema_and_is_idempotent(index: Index) -> None:
     index.migrate()
     with index.engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [
-            ("0001",)
+            ("0002",)
         ]
     assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
     assert index.find("1.2.3.1") is not None

@@ -1,0 +1,100 @@
+"""The audit trail: every store, query, retrieval, refusal and registry change, in the
+index database, read back by `pocketpacs audit` (and `GET /api/audit`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from storage.index import Index, IndexUnavailable
+from storage.models import AuditEvent
+
+# Outcomes.
+OK = "ok"
+PARTIAL = "partial"
+FAILED = "failed"
+REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One event: who (actor, institution, source), what (action, resource), the outcome."""
+
+    actor: str
+    action: str
+    outcome: str
+    institution: str = ""
+    resource: str = ""
+    source: str = ""
+    instances: int = 0
+    detail: str = ""
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class AuditLog:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def record(self, entry: AuditEntry) -> None:
+        try:
+            with self.index.session() as session, session.begin():
+                session.add(
+                    AuditEvent(
+                        at=entry.at,
+                        actor=entry.actor,
+                        institution=entry.institution,
+                        action=entry.action,
+                        resource=entry.resource,
+                        source=entry.source,
+                        outcome=entry.outcome,
+                        instances=entry.instances,
+                        detail=entry.detail,
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"cannot write the audit trail: {exc}") from exc
+
+    def search(
+        self,
+        *,
+        institution: str | None = None,
+        action: str | None = None,
+        actor: str | None = None,
+        outcome: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[AuditEntry]:
+        """Newest first."""
+        query = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
+        for column, value in (
+            (AuditEvent.institution, institution),
+            (AuditEvent.action, action),
+            (AuditEvent.actor, actor),
+            (AuditEvent.outcome, outcome),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(AuditEvent.at >= since)
+        if until is not None:
+            query = query.where(AuditEvent.at < until)
+        with self.index.session() as session:
+            rows = session.scalars(query.limit(limit)).all()
+            return [
+                AuditEntry(
+                    actor=row.actor,
+                    action=row.action,
+                    outcome=row.outcome,
+                    institution=row.institution,
+                    resource=row.resource,
+                    source=row.source,
+                    instances=row.instances,
+                    detail=row.detail,
+                    at=row.at if row.at.tzinfo else row.at.replace(tzinfo=UTC),
+                )
+                for row in rows
+            ]
