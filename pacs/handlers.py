@@ -20,10 +20,11 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from pacs.find import handle_find
 from pacs.statuses import ERROR_COMMENT_LENGTH, VerificationStatus
 from storage import audit
 from storage.audit import AuditEntry, AuditLog
-from storage.index import IndexUnavailable, Origin
+from storage.index import Index, IndexUnavailable, Origin
 from storage.ingest import InstanceToStore, StoreOutcome
 from storage.spool import Spool
 
@@ -54,6 +55,8 @@ class DicomContext:
     spool: Spool
     identify: Identify
     audit: AuditLog | None = None
+    index: Index | None = None
+    ae_title: str = ""
     tallies: weakref.WeakKeyDictionary[Association, AssociationTally] = field(
         default_factory=weakref.WeakKeyDictionary
     )
@@ -79,14 +82,28 @@ class DicomContext:
         detail = ", ".join(f"{n} {outcome.label}" for outcome, n in tally.counts.items())
         if tally.last_failure:
             detail += f"; last failure: {tally.last_failure}"
+        self.record(tally, "store", result, instances=stored, detail=detail)
+
+    def record(
+        self,
+        tally: AssociationTally,
+        action: str,
+        outcome: str,
+        *,
+        resource: str = "",
+        instances: int = 0,
+        detail: str = "",
+    ) -> None:
+        """An audit event for something this association's caller did."""
         self._audit(
             AuditEntry(
                 actor=tally.calling_ae,
                 institution=tally.institution,
-                action="store",
-                outcome=result,
+                action=action,
+                outcome=outcome,
+                resource=resource,
                 source=tally.address,
-                instances=stored,
+                instances=instances,
                 detail=detail,
             )
         )
@@ -192,6 +209,7 @@ def handle_accepted(event: Event, context: DicomContext) -> None:
 def bindings(context: DicomContext) -> list:
     """Every event the listener handles, with its handler: the one place they are bound."""
     return [
+        (evt.EVT_C_FIND, handle_find, [context]),
         (evt.EVT_ACCEPTED, handle_accepted, [context]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),

@@ -11,17 +11,27 @@ import threading
 
 from pydicom import uid
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+from pynetdicom.sop_class import (
+    _STORAGE_CLASSES,
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.handlers import DicomContext, Identify, bindings
 from pacs.storage_acceptor import StorageAcceptor
 from storage.audit import AuditLog
+from storage.index import Index
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.dicom")
 
 MAXIMUM_ASSOCIATIONS = 64
+QUERY_MODELS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 # Associations served by pynetdicom (those that mix storage with other services): not
 # "unlimited" (0), since a peer told 0 may send a whole data set as one PDU (pynetdicom's
 # SCU does) and pynetdicom reads a PDU into memory whole. 4 MiB bounds that and is still
@@ -106,11 +116,14 @@ class DicomServer:
         spool: Spool,
         identify: Identify,
         audit: AuditLog | None = None,
+        index: Index | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port
-        self.context = DicomContext(spool=spool, identify=identify, audit=audit)
+        self.context = DicomContext(
+            spool=spool, identify=identify, audit=audit, index=index, ae_title=ae_title
+        )
         self._server: _Listener | None = None
 
     def _application_entity(self) -> AE:
@@ -120,6 +133,8 @@ class DicomServer:
         ae.require_called_aet = True
         syntaxes = transfer_syntax_preference()
         ae.add_supported_context(Verification, syntaxes)
+        for model in QUERY_MODELS:
+            ae.add_supported_context(model, _NATIVE)
         for sop_class in _STORAGE_CLASSES.values():
             ae.add_supported_context(sop_class, syntaxes)
         return ae
@@ -135,9 +150,10 @@ class DicomServer:
         _config.LOG_HANDLER_LEVEL = "none"
         tempfile.tempdir = str(self.context.spool.incoming)
         ae = self._application_entity()
+        # The lean acceptor takes associations that propose storage and verification only.
         acceptor = StorageAcceptor(
             self.ae_title,
-            ae.supported_contexts,
+            [cx for cx in ae.supported_contexts if cx.abstract_syntax not in QUERY_MODELS],
             UNLIMITED_PDU_SIZE,
             MAXIMUM_ASSOCIATIONS,
             self.context,

@@ -136,6 +136,7 @@ def serve(settings: Settings) -> None:
             spool,
             identify=dicom_identify(Registry(core.index), settings.open),
             audit=AuditLog(core.index),
+            index=core.index,
         )
         dicom.start()
         app = create_app(Services(objects=core.objects, index=core.index, spool=spool))

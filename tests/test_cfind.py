@@ -1,0 +1,200 @@
+"""C-FIND against a running archive with two institutions: DCMTK `findscu` and pynetdicom
+as clients, match counts and returned keys checked, and what each hospital may see."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from pocketpacs.cli import main
+from tests.conftest import RunningArchive, dcmtk_env, make_bucket_store
+from tests.test_cstore import run_storescu, small_ct, wait_drained, write
+
+REGION = "REGION"
+
+
+@pytest.fixture
+def region(archive_factory, s3_server, tmp_path: Path) -> tuple[RunningArchive, dict[str, str]]:
+    """North sent study A (patient P1, 3 images) and B (patient Z9); south sent study C
+    (patient P1 too). Returns the archive and the study UIDs by letter."""
+    archive = archive_factory(
+        {
+            "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
+            "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
+            "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
+            "POCKETPACS_S3_BUCKET": make_bucket_store(s3_server).bucket,
+        }
+    )
+    archive.extra_args = []
+    data = ["--data-dir", str(archive.data_dir)]
+    for name in ("north", "south"):
+        assert main(["institutions", "add", name, *data]) == 0
+    assert main(["nodes", "add", "NORTHCT", "127.0.0.1", "1", "--institution", "north", *data]) == 0
+    assert main(["nodes", "add", "SOUTHCT", "127.0.0.1", "1", "--institution", "south", *data]) == 0
+    archive.start()
+
+    studies = {}
+    for letter, patient_id, name, sender, count in (
+        ("A", "P1", "Doe^Jane", "NORTHCT", 3),
+        ("B", "Z9", "Zhang^Ming", "NORTHCT", 1),
+        ("C", "P1", "Doe^Jane", "SOUTHCT", 1),
+    ):
+        paths = []
+        for number in range(1, count + 1):
+            ds = small_ct(number=number, seed=f"find-{letter}")
+            ds.PatientID = patient_id
+            ds.IssuerOfPatientID = REGION
+            ds.StudyDate = "20261101"
+            ds.PatientName = name
+            paths.append(write(ds, tmp_path / f"{letter}{number}.dcm"))
+        studies[letter] = str(ds.StudyInstanceUID)
+        result = run_storescu(archive, *map(str, paths), calling_ae=sender)
+        assert result.returncode == 0, result.stdout + result.stderr
+    wait_drained(archive)
+    return archive, studies
+
+
+def findscu(archive: RunningArchive, calling_ae: str, *keys: str, root: str = "-S") -> list[dict]:
+    """Run findscu; return each response identifier as keyword -> value (from its dump)."""
+    command = ["findscu", "-v", root, "-aet", calling_ae, "-aec", archive.ae_title]
+    for key in keys:
+        command += ["-k", key]
+    command += ["127.0.0.1", str(archive.dicom_port)]
+    result = subprocess.run(command, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    responses = []
+    for block in re.split(r"I: Find Response: \d+ \(Pending\)", result.stdout + result.stderr)[1:]:
+        found = {}
+        for tag_line in re.finditer(
+            r"\(\w{4},\w{4}\) \w\w (?:\[(.*?)\]|\(no value available\)).*?# +\d+, \d+ (\w+)", block
+        ):
+            found[tag_line.group(2)] = (tag_line.group(1) or "").rstrip()
+        responses.append(found)
+    return responses
+
+
+def test_each_institution_browses_only_what_it_sent(region) -> None:
+    archive, studies = region
+    keys = (
+        "QueryRetrieveLevel=STUDY",
+        "PatientName=*",
+        "StudyInstanceUID",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedInstances",
+    )
+    north = findscu(archive, "NORTHCT", *keys)
+    assert sorted(r["StudyInstanceUID"] for r in north) == sorted([studies["A"], studies["B"]])
+    counts = {r["StudyInstanceUID"]: r["NumberOfStudyRelatedInstances"] for r in north}
+    assert counts[studies["A"]] == "3"
+    assert all(r["ModalitiesInStudy"] == "CT" for r in north)
+    south = findscu(archive, "SOUTHCT", *keys)
+    assert [r["StudyInstanceUID"] for r in south] == [studies["C"]]
+    # Not by date either.
+    south = findscu(
+        archive, "SOUTHCT", "QueryRetrieveLevel=STUDY", "StudyDate=19000101-", "StudyInstanceUID"
+    )
+    assert [r["StudyInstanceUID"] for r in south] == [studies["C"]]
+
+
+def test_result_recognition_through_the_exact_patient_identifier(region) -> None:
+    archive, studies = region
+    found = findscu(
+        archive,
+        "SOUTHCT",
+        "QueryRetrieveLevel=STUDY",
+        "PatientID=P1",
+        f"IssuerOfPatientID={REGION}",
+        "StudyInstanceUID",
+        "PatientName",
+    )
+    assert sorted(r["StudyInstanceUID"] for r in found) == sorted([studies["A"], studies["C"]])
+    assert all(r["PatientName"] == "Doe^Jane" for r in found)
+    # A wildcard in the identifier is browsing again.
+    found = findscu(
+        archive,
+        "SOUTHCT",
+        "QueryRetrieveLevel=STUDY",
+        "PatientID=P*",
+        f"IssuerOfPatientID={REGION}",
+        "StudyInstanceUID",
+    )
+    assert [r["StudyInstanceUID"] for r in found] == [studies["C"]]
+
+
+def test_patient_root_levels_with_pynetdicom_and_bad_levels(region) -> None:
+    archive, studies = region
+    ae = AE(ae_title="NORTHCT")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", archive.dicom_port, ae_title=archive.ae_title)
+    try:
+        assert assoc.is_established
+
+        def ask(model, **keys) -> tuple[list[Dataset], int]:
+            identifier = Dataset()
+            for keyword, value in keys.items():
+                setattr(identifier, keyword, value)
+            pending, final = [], None
+            for status, answer in assoc.send_c_find(identifier, model):
+                if status.Status == 0xFF00:
+                    pending.append(answer)
+                else:
+                    final = status
+            return pending, final.Status
+
+        patients, status = ask(
+            PatientRootQueryRetrieveInformationModelFind,
+            QueryRetrieveLevel="PATIENT",
+            PatientID="",
+            NumberOfPatientRelatedStudies="",
+        )
+        assert status == 0x0000
+        assert {(p.PatientID, p.NumberOfPatientRelatedStudies) for p in patients} == {
+            ("P1", 1),
+            ("Z9", 1),
+        }
+        images, status = ask(
+            PatientRootQueryRetrieveInformationModelFind,
+            QueryRetrieveLevel="IMAGE",
+            PatientID="P1",
+            StudyInstanceUID=studies["A"],
+            SeriesInstanceUID="",
+            SOPInstanceUID="",
+            InstanceNumber="",
+        )
+        assert status == 0x0000
+        assert sorted(int(i.InstanceNumber) for i in images) == [1, 2, 3]
+        _, status = ask(StudyRootQueryRetrieveInformationModelFind, QueryRetrieveLevel="PATIENT")
+        assert status == 0xA900
+        _, status = ask(StudyRootQueryRetrieveInformationModelFind, QueryRetrieveLevel="FRAME")
+        assert status == 0xA900
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        ae.shutdown()
+
+    connection = sqlite3.connect(f"file:{archive.data_dir / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        queries = connection.execute(
+            "SELECT actor, institution, outcome, instances FROM audit_events "
+            "WHERE action = 'query' ORDER BY id"
+        ).fetchall()
+    finally:
+        connection.close()
+    assert queries == [
+        ("NORTHCT", "north", "ok", 2),
+        ("NORTHCT", "north", "ok", 3),
+        ("NORTHCT", "north", "failed", 0),
+        ("NORTHCT", "north", "failed", 0),
+    ]
