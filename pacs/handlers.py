@@ -21,11 +21,13 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from pacs.find import handle_find
+from pacs.retrieve import handle_get, handle_move
 from pacs.statuses import ERROR_COMMENT_LENGTH, VerificationStatus
 from storage import audit
 from storage.audit import AuditEntry, AuditLog
 from storage.index import Index, IndexUnavailable, Origin
 from storage.ingest import InstanceToStore, StoreOutcome
+from storage.registry import Registry
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.dicom")
@@ -56,6 +58,7 @@ class DicomContext:
     identify: Identify
     audit: AuditLog | None = None
     index: Index | None = None
+    registry: Registry | None = None
     ae_title: str = ""
     tallies: weakref.WeakKeyDictionary[Association, AssociationTally] = field(
         default_factory=weakref.WeakKeyDictionary
@@ -210,6 +213,8 @@ def bindings(context: DicomContext) -> list:
     """Every event the listener handles, with its handler: the one place they are bound."""
     return [
         (evt.EVT_C_FIND, handle_find, [context]),
+        (evt.EVT_C_GET, handle_get, [context]),
+        (evt.EVT_C_MOVE, handle_move, [context]),
         (evt.EVT_ACCEPTED, handle_accepted, [context]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),

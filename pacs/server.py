@@ -14,7 +14,11 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
@@ -23,6 +27,7 @@ from pacs.handlers import DicomContext, Identify, bindings
 from pacs.storage_acceptor import StorageAcceptor
 from storage.audit import AuditLog
 from storage.index import Index
+from storage.registry import Registry
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.dicom")
@@ -31,6 +36,10 @@ MAXIMUM_ASSOCIATIONS = 64
 QUERY_MODELS = (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
 )
 # Associations served by pynetdicom (those that mix storage with other services): not
 # "unlimited" (0), since a peer told 0 may send a whole data set as one PDU (pynetdicom's
@@ -117,12 +126,18 @@ class DicomServer:
         identify: Identify,
         audit: AuditLog | None = None,
         index: Index | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
         self.port = port
         self.context = DicomContext(
-            spool=spool, identify=identify, audit=audit, index=index, ae_title=ae_title
+            spool=spool,
+            identify=identify,
+            audit=audit,
+            index=index,
+            registry=registry,
+            ae_title=ae_title,
         )
         self._server: _Listener | None = None
 
@@ -136,7 +151,8 @@ class DicomServer:
         for model in QUERY_MODELS:
             ae.add_supported_context(model, _NATIVE)
         for sop_class in _STORAGE_CLASSES.values():
-            ae.add_supported_context(sop_class, syntaxes)
+            # Both roles: a C-GET requestor asks to act as the storage SCP (PS3.7 D.3.3.4).
+            ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
         return ae
 
     def start(self) -> None:

@@ -129,14 +129,16 @@ def serve(settings: Settings) -> None:
         if replayed:
             log.info("stored %d instances left in the spool by the previous run", replayed)
         spool.start()
+        registry = Registry(core.index)
         dicom = DicomServer(
             settings.ae_title,
             settings.host,
             settings.dicom_port,
             spool,
-            identify=dicom_identify(Registry(core.index), settings.open),
+            identify=dicom_identify(registry, settings.open),
             audit=AuditLog(core.index),
             index=core.index,
+            registry=registry,
         )
         dicom.start()
         app = create_app(Services(objects=core.objects, index=core.index, spool=spool))

@@ -211,19 +211,8 @@ def _condition(keyword: str, value: str) -> ColumnElement[bool] | None:
     return _single(attribute, keyword, value)
 
 
-def _select(query: Query, viewer: Viewer) -> Select:
-    level = query.level
-    columns = [
-        attribute.column.label(keyword)
-        for keyword, attribute in ATTRIBUTES.items()
-        if attribute.level <= level and (keyword in query.keys or keyword == UNIQUE_KEYS[level])
-    ]
-    table = _TABLES[level]
-    statement = select(table.id.label("pk"), *columns).select_from(Patient).join(Study)
-    if level >= SE:
-        statement = statement.join(Series)
-    if level >= IM:
-        statement = statement.join(Instance)
+def _conditions(query: Query, viewer: Viewer) -> ColumnElement[bool]:
+    """What a row must satisfy: the query's keys, and the access rule."""
     conditions = [visible_to(viewer, query.keys)]
     for keyword, value in query.keys.items():
         value = value.strip()
@@ -232,20 +221,70 @@ def _select(query: Query, viewer: Viewer) -> Select:
         if keyword not in ATTRIBUTES and keyword not in COMPUTED:
             continue  # an optional key we do not hold: returned empty (PS3.4 C.2.2.1.3)
         level_of = ATTRIBUTES[keyword].level if keyword in ATTRIBUTES else COMPUTED[keyword]
-        if level_of > level:
-            raise InvalidQuery(f"{keyword} is below the {level.name} level")
+        if level_of > query.level:
+            raise InvalidQuery(f"{keyword} is below the {query.level.name} level")
         if keyword in COMPUTED and keyword != "ModalitiesInStudy":
             continue  # counts are returned, not matched on
         condition = _condition(keyword, value)
         if condition is not None:
             conditions.append(condition)
+    return and_(*conditions)
+
+
+def _joined(statement: Select, level: QueryLevel) -> Select:
+    statement = statement.select_from(Patient).join(Study)
+    if level >= SE:
+        statement = statement.join(Series)
+    if level >= IM:
+        statement = statement.join(Instance)
+    return statement
+
+
+def _select(query: Query, viewer: Viewer) -> Select:
+    level = query.level
+    columns = [
+        attribute.column.label(keyword)
+        for keyword, attribute in ATTRIBUTES.items()
+        if attribute.level <= level and (keyword in query.keys or keyword == UNIQUE_KEYS[level])
+    ]
+    table = _TABLES[level]
+    statement = _joined(select(table.id.label("pk"), *columns), level)
     # A patient (or study) appears once, however many rows below it matched.
-    statement = statement.where(and_(*conditions)).distinct().order_by(table.id)
+    statement = statement.where(_conditions(query, viewer)).distinct().order_by(table.id)
     if query.offset:
         statement = statement.offset(query.offset)
     if query.limit is not None:
         statement = statement.limit(query.limit)
     return statement
+
+
+@dataclass(frozen=True)
+class Located:
+    """A stored instance a retrieval names, and where its bytes are."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    object_key: str
+    size: int
+
+
+def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
+    """Every stored instance below the matches of `query`: what C-MOVE, C-GET and WADO-RS
+    send, found with the same matching and the same access rule as a search."""
+    statement = _joined(
+        select(
+            Instance.sop_class_uid,
+            Instance.sop_instance_uid,
+            Instance.transfer_syntax_uid,
+            Instance.object_key,
+            Instance.size,
+        ),
+        QueryLevel.IMAGE,
+    ).where(_conditions(query, viewer))
+    statement = statement.order_by(Series.id, Instance.instance_number, Instance.id)
+    with index.session() as session:
+        return [Located(*row) for row in session.execute(statement)]
 
 
 def search(index: Index, query: Query, viewer: Viewer) -> list[Match]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import subprocess
-from pathlib import Path
 
-import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (
@@ -16,52 +14,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from pocketpacs.cli import main
-from tests.conftest import RunningArchive, dcmtk_env, make_bucket_store
-from tests.test_cstore import run_storescu, small_ct, wait_drained, write
-
-REGION = "REGION"
-
-
-@pytest.fixture
-def region(archive_factory, s3_server, tmp_path: Path) -> tuple[RunningArchive, dict[str, str]]:
-    """North sent study A (patient P1, 3 images) and B (patient Z9); south sent study C
-    (patient P1 too). Returns the archive and the study UIDs by letter."""
-    archive = archive_factory(
-        {
-            "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
-            "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
-            "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
-            "POCKETPACS_S3_BUCKET": make_bucket_store(s3_server).bucket,
-        }
-    )
-    archive.extra_args = []
-    data = ["--data-dir", str(archive.data_dir)]
-    for name in ("north", "south"):
-        assert main(["institutions", "add", name, *data]) == 0
-    assert main(["nodes", "add", "NORTHCT", "127.0.0.1", "1", "--institution", "north", *data]) == 0
-    assert main(["nodes", "add", "SOUTHCT", "127.0.0.1", "1", "--institution", "south", *data]) == 0
-    archive.start()
-
-    studies = {}
-    for letter, patient_id, name, sender, count in (
-        ("A", "P1", "Doe^Jane", "NORTHCT", 3),
-        ("B", "Z9", "Zhang^Ming", "NORTHCT", 1),
-        ("C", "P1", "Doe^Jane", "SOUTHCT", 1),
-    ):
-        paths = []
-        for number in range(1, count + 1):
-            ds = small_ct(number=number, seed=f"find-{letter}")
-            ds.PatientID = patient_id
-            ds.IssuerOfPatientID = REGION
-            ds.StudyDate = "20261101"
-            ds.PatientName = name
-            paths.append(write(ds, tmp_path / f"{letter}{number}.dcm"))
-        studies[letter] = str(ds.StudyInstanceUID)
-        result = run_storescu(archive, *map(str, paths), calling_ae=sender)
-        assert result.returncode == 0, result.stdout + result.stderr
-    wait_drained(archive)
-    return archive, studies
+from tests.conftest import REGION, RunningArchive, dcmtk_env
 
 
 def findscu(archive: RunningArchive, calling_ae: str, *keys: str, root: str = "-S") -> list[dict]:
