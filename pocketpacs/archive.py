@@ -141,7 +141,16 @@ def serve(settings: Settings) -> None:
             registry=registry,
         )
         dicom.start()
-        app = create_app(Services(objects=core.objects, index=core.index, spool=spool))
+        app = create_app(
+            Services(
+                objects=core.objects,
+                index=core.index,
+                spool=spool,
+                registry=registry,
+                audit=AuditLog(core.index),
+                open_access=settings.open,
+            )
+        )
         http = uvicorn.Server(
             uvicorn.Config(
                 app,

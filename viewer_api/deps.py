@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
-from storage.index import Index
+from storage import audit
+from storage.audit import AuditEntry, AuditLog
+from storage.index import Index, IndexUnavailable
 from storage.objects import ObjectStore
+from storage.registry import SCOPES, Caller, Registry
 from storage.spool import Spool
+
+log = logging.getLogger("pocketpacs.http")
+
+# The one institution of a development archive (`--open`).
+OPEN_INSTITUTION = "default"
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,9 @@ class Services:
     objects: ObjectStore
     index: Index
     spool: Spool | None = None
+    registry: Registry | None = None
+    audit: AuditLog | None = None
+    open_access: bool = False
 
 
 def get_services(request: Request) -> Services:
@@ -26,3 +40,67 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def record(services: Services, entry: AuditEntry) -> None:
+    """Audit an HTTP request; a lost audit event is logged, never a failed request."""
+    if services.audit is None:
+        return
+    try:
+        services.audit.record(entry)
+    except IndexUnavailable:
+        log.exception("audit event lost: %s", entry)
+
+
+def _refuse(services: Services, request: Request, status: int, reason: str, actor: str) -> None:
+    source = request.client.host if request.client else ""
+    record(
+        services,
+        AuditEntry(
+            actor=actor,
+            action="http",
+            outcome=audit.REFUSED,
+            resource=f"{request.method} {request.url.path}"[:200],
+            source=source,
+            detail=reason,
+        ),
+    )
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    raise HTTPException(status_code=status, detail=reason, headers=headers)
+
+
+def requires(scope: str) -> Callable:
+    """A dependency giving the authenticated `Caller`, who must hold `scope`.
+
+    `Authorization: Bearer <key>`; without a key, only an `--open` archive answers (as its
+    one default institution, every scope)."""
+    if scope not in SCOPES:
+        raise ValueError(scope)
+
+    async def caller(request: Request, services: ServicesDep) -> Caller:
+        source = request.client.host if request.client else ""
+        header = request.headers.get("authorization", "")
+        if not header:
+            if services.open_access:
+                return Caller(OPEN_INSTITUTION, "open", frozenset(SCOPES), source)
+            await run_in_threadpool(
+                _refuse, services, request, 401, "an API key is required", "anonymous"
+            )
+        kind, _, token = header.partition(" ")
+        found = None
+        if kind.lower() == "bearer" and services.registry is not None:
+            found = await run_in_threadpool(services.registry.authenticate, token.strip(), source)
+        if found is None:
+            await run_in_threadpool(
+                _refuse, services, request, 401, "unknown or revoked API key", "anonymous"
+            )
+        if scope not in found.scopes:
+            await run_in_threadpool(
+                _refuse, services, request, 403, f"this key lacks the {scope!r} scope", found.actor
+            )
+        return found
+
+    return caller
+
+
+ReadCaller = Annotated[Caller, Depends(requires("read"))]
