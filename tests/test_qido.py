@@ -114,3 +114,37 @@ def test_dicomweb_client_searches(region, keys) -> None:
     assert len(series) == 1
     instances = client.search_for_instances(study_instance_uid=studies["A"], limit=2)
     assert len(instances) == 2
+
+
+def test_audit_api_shows_an_institutions_own_events_to_its_admin(region, keys, capsys) -> None:
+    archive, _ = region
+    data = ["--data-dir", str(archive.data_dir)]
+    assert main(["keys", "create", "--institution", "south", "--scope", "admin", *data]) == 0
+    admin = capsys.readouterr().out.strip()
+    qido(archive, "/studies", keys["south"], PatientID="P1", IssuerOfPatientID=REGION)
+    qido(archive, "/studies", keys["north"])
+
+    response = httpx.get(
+        f"{archive.http}/api/audit",
+        params={"action": "query"},
+        headers={"Authorization": f"Bearer {admin}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    events = response.json()
+    assert [(e["institution"], e["instances"]) for e in events] == [("south", 2)]
+    assert events[0]["actor"] == keys["south"].split("_")[1]
+    stores = httpx.get(
+        f"{archive.http}/api/audit",
+        params={"action": "store"},
+        headers={"Authorization": f"Bearer {admin}"},
+        timeout=30,
+    ).json()
+    assert [(e["actor"], e["instances"]) for e in stores] == [("SOUTHCT", 1)]
+    # Without admin scope: refused.
+    response = httpx.get(
+        f"{archive.http}/api/audit",
+        headers={"Authorization": f"Bearer {keys['south']}"},
+        timeout=30,
+    )
+    assert response.status_code == 403

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from viewer_api.deps import Services
-from viewer_api.routes import health, metrics, qido
+from viewer_api.routes import audit, health, metrics, qido
 
 
 def create_app(services: Services) -> FastAPI:
@@ -18,4 +18,5 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(qido.router)
+    app.include_router(audit.router)
     return app
