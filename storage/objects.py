@@ -127,6 +127,17 @@ class ObjectStore:
             response.close()
             response.release_conn()
 
+    def head(self, key: str, length: int) -> bytes:
+        """The first `length` bytes of an object (all of it if shorter): a header's worth."""
+        response = self._call(
+            f"get {key}", self._client.get_object, self.bucket, key, offset=0, length=length
+        )
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
     def stream(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
         """Yield an object's bytes in chunks, so a large object never sits in memory whole."""
         response = self._call(f"get {key}", self._client.get_object, self.bucket, key)

@@ -267,6 +267,8 @@ class Located:
     transfer_syntax_uid: str
     object_key: str
     size: int
+    study_instance_uid: str
+    series_instance_uid: str
 
 
 def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
@@ -279,6 +281,8 @@ def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
             Instance.transfer_syntax_uid,
             Instance.object_key,
             Instance.size,
+            Study.study_instance_uid,
+            Series.series_instance_uid,
         ),
         QueryLevel.IMAGE,
     ).where(_conditions(query, viewer))

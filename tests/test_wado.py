@@ -1,0 +1,137 @@
+"""WADO-RS against a running archive with two institutions: studies, series and instances
+as multipart/related, metadata from the per-series cache, and who may retrieve what."""
+
+from __future__ import annotations
+
+import re
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+
+from pocketpacs.cli import main
+from tests.conftest import REGION, RunningArchive, bucket_of
+from tests.test_cstore import dataset_bytes, run_storescu, small_ct, wait_drained, write
+
+
+@pytest.fixture
+def keys(region, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    archive, _ = region
+    data = ["--data-dir", str(archive.data_dir)]
+    made = {}
+    for institution in ("north", "south"):
+        assert main(["keys", "create", "--institution", institution, "--scope", "read", *data]) == 0
+        made[institution] = capsys.readouterr().out.strip()
+    return made
+
+
+def wado(archive: RunningArchive, path: str, key: str, **params) -> httpx.Response:
+    return httpx.get(
+        f"{archive.http}/dicomweb{path}",
+        params=params,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+
+
+def parts(response: httpx.Response) -> list[bytes]:
+    """The bodies of a multipart/related response."""
+    assert response.status_code == 200, response.text
+    content_type = response.headers["content-type"]
+    assert content_type.startswith('multipart/related; type="application/dicom"')
+    boundary = re.search(r"boundary=(\S+)", content_type).group(1).encode()
+    body = response.content
+    assert body.endswith(b"--" + boundary + b"--\r\n")
+    found = []
+    for chunk in body.split(b"--" + boundary)[1:-1]:
+        head, _, rest = chunk.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        found.append(rest[:length])
+    return found
+
+
+def sent(tmp_path: Path, letter: str) -> dict[str, bytes]:
+    return {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p.read_bytes())
+        for p in sorted(tmp_path.glob(f"{letter}*.dcm"))
+    }
+
+
+def as_received(blobs: list[bytes]) -> dict[str, bytes]:
+    return {
+        str(dcmread(BytesIO(b), stop_before_pixels=True).SOPInstanceUID): dataset_bytes(b)
+        for b in blobs
+    }
+
+
+def test_study_series_and_instance_as_stored(region, keys, tmp_path: Path) -> None:
+    archive, studies = region
+    want = sent(tmp_path, "A")
+    assert as_received(parts(wado(archive, f"/studies/{studies['A']}", keys["north"]))) == want
+    [series] = {dcmread(p).SeriesInstanceUID for p in tmp_path.glob("A*.dcm")}
+    got = parts(wado(archive, f"/studies/{studies['A']}/series/{series}", keys["north"]))
+    assert as_received(got) == want
+    uid = next(iter(want))
+    one = parts(
+        wado(archive, f"/studies/{studies['A']}/series/{series}/instances/{uid}", keys["north"])
+    )
+    assert as_received(one) == {uid: want[uid]}
+
+
+def test_another_institution_needs_the_patient_identifier(region, keys) -> None:
+    archive, studies = region
+    path = f"/studies/{studies['A']}"
+    assert wado(archive, path, keys["south"]).status_code == 404
+    assert (
+        wado(archive, path, keys["south"], PatientID="P1", IssuerOfPatientID="OTHER").status_code
+        == 404
+    )
+    found = parts(wado(archive, path, keys["south"], PatientID="P1", IssuerOfPatientID=REGION))
+    assert len(found) == 3
+    assert wado(archive, "/studies/1.2.3.999", keys["north"]).status_code == 404
+    assert wado(archive, "/studies/../etc", keys["north"]).status_code in (400, 404)
+    assert wado(archive, "/studies/1.2.x", keys["north"]).status_code == 400
+
+
+def test_metadata_from_the_series_cache(region, keys, s3_server, tmp_path: Path) -> None:
+    archive, studies = region
+    [series] = {dcmread(p).SeriesInstanceUID for p in tmp_path.glob("A*.dcm")}
+    response = wado(archive, f"/studies/{studies['A']}/series/{series}/metadata", keys["north"])
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/dicom+json")
+    items = response.json()
+    assert len(items) == 3
+    assert all("7FE00010" not in item for item in items)
+    assert items[0]["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
+    store = bucket_of(archive, s3_server)
+    cached = [o.key for o in store.list("derived/metadata/")]
+    assert cached == [f"derived/metadata/{studies['A']}/{series}.json"]
+
+    # A new instance in the series: the cache is rebuilt on the next request.
+    ds = small_ct(number=4, seed="find-A")
+    ds.PatientID, ds.IssuerOfPatientID, ds.PatientName = "P1", REGION, "Doe^Jane"
+    ds.StudyDate = "20261101"
+    path = write(ds, tmp_path / "A4.dcm")
+    assert run_storescu(archive, str(path), calling_ae="NORTHCT").returncode == 0
+    wait_drained(archive)
+    response = wado(archive, f"/studies/{studies['A']}/metadata", keys["north"])
+    assert len(response.json()) == 4
+    uid = str(ds.SOPInstanceUID)
+    [one] = wado(
+        archive, f"/studies/{studies['A']}/series/{series}/instances/{uid}/metadata", keys["north"]
+    ).json()
+    assert one["00080018"]["Value"] == [uid]
+
+
+def test_dicomweb_client_retrieves(region, keys, tmp_path: Path) -> None:
+    archive, studies = region
+    client = DICOMwebClient(
+        url=f"{archive.http}/dicomweb", headers={"Authorization": f"Bearer {keys['north']}"}
+    )
+    datasets = client.retrieve_study(studies["B"])
+    assert [str(d.SOPInstanceUID) for d in datasets] == list(sent(tmp_path, "B"))
+    metadata = client.retrieve_study_metadata(studies["B"])
+    assert len(metadata) == 1

@@ -1,0 +1,178 @@
+"""WADO-RS (PS3.18 10.4): a study, series or instance as multipart/related application/dicom,
+streamed from the bucket as stored; `/metadata` as DICOM JSON from the per-series cache.
+
+What may be retrieved is decided by `storage.query.locate`, the rule C-MOVE and C-GET use:
+another institution's study needs the patient identifier, given here as the query
+parameters `PatientID` and `IssuerOfPatientID`. Anything not visible is a 404, exactly as
+if it did not exist.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from itertools import groupby
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from storage import audit
+from storage.audit import AuditEntry
+from storage.header import valid_uid
+from storage.metadata import series_metadata
+from storage.objects import ObjectStore
+from storage.query import Located, Query, QueryLevel, Viewer, locate
+from storage.registry import Caller
+from viewer_api.deps import ReadCaller, Services, ServicesDep, record
+
+router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
+
+_IDENTIFIER_PARAMETERS = ("PatientID", "IssuerOfPatientID")
+
+
+def _located(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str]
+) -> list[Located]:
+    for keyword, uid in uids.items():
+        if not valid_uid(uid):
+            raise HTTPException(400, f"{keyword} in the path is not a valid UID")
+    keys = dict(uids)
+    for name in _IDENTIFIER_PARAMETERS:
+        if name in request.query_params:
+            keys[name] = request.query_params[name]
+    level = (
+        QueryLevel.IMAGE
+        if "SOPInstanceUID" in uids
+        else QueryLevel.SERIES
+        if "SeriesInstanceUID" in uids
+        else QueryLevel.STUDY
+    )
+    found = locate(services.index, Query(level, keys), Viewer(caller.institution))
+    outcome = audit.OK if found else audit.FAILED
+    record(
+        services,
+        AuditEntry(
+            actor=caller.actor,
+            institution=caller.institution,
+            action="retrieve",
+            outcome=outcome,
+            resource=f"WADO {request.url.path}"[:200],
+            source=caller.source,
+            instances=len(found),
+        ),
+    )
+    if not found:
+        raise HTTPException(404, f"no such {level.name.lower()} visible to this key")
+    return found
+
+
+def _multipart(objects: ObjectStore, located: list[Located], boundary: str) -> Iterator[bytes]:
+    """Each instance as one part, its bytes streamed from the bucket as they come."""
+    for item in located:
+        yield (
+            f"--{boundary}\r\n"
+            f"Content-Type: application/dicom; transfer-syntax={item.transfer_syntax_uid}\r\n"
+            f"Content-Length: {item.size}\r\n\r\n"
+        ).encode()
+        yield from objects.stream(item.object_key)
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+async def _retrieve(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str]
+) -> StreamingResponse:
+    located = await run_in_threadpool(_located, services, caller, request, uids)
+    boundary = secrets.token_hex(16)
+    media_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    return StreamingResponse(_multipart(services.objects, located, boundary), media_type=media_type)
+
+
+def _metadata(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str]
+) -> list[dict]:
+    """From each series' cache; for one instance, its series' cache filtered to it."""
+    if "SOPInstanceUID" in uids:
+        wanted = {uids["SOPInstanceUID"]}
+        _located(services, caller, request, uids)  # 404 unless visible, and audited
+        series_uids = {k: v for k, v in uids.items() if k != "SOPInstanceUID"}
+        located = _located(services, caller, request, series_uids)
+    else:
+        located = _located(services, caller, request, uids)
+        wanted = {item.sop_instance_uid for item in located}
+    body: list[dict] = []
+    for (study, series), items in groupby(located, key=_series_of):
+        instances = series_metadata(services.objects, study, series, list(items))
+        body += [m for m in instances if m["00080018"]["Value"][0] in wanted]
+    return body
+
+
+def _series_of(item: Located) -> tuple[str, str]:
+    return item.study_instance_uid, item.series_instance_uid
+
+
+async def _metadata_response(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str]
+) -> JSONResponse:
+    body = await run_in_threadpool(_metadata, services, caller, request, uids)
+    return JSONResponse(body, media_type="application/dicom+json")
+
+
+@router.get("/studies/{study}", summary="Retrieve a study")
+async def retrieve_study(
+    study: str, request: Request, services: ServicesDep, caller: ReadCaller
+) -> StreamingResponse:
+    return await _retrieve(services, caller, request, {"StudyInstanceUID": study})
+
+
+@router.get("/studies/{study}/series/{series}", summary="Retrieve a series")
+async def retrieve_series(
+    study: str, series: str, request: Request, services: ServicesDep, caller: ReadCaller
+) -> StreamingResponse:
+    uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    return await _retrieve(services, caller, request, uids)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}", summary="Retrieve an instance")
+async def retrieve_instance(
+    study: str,
+    series: str,
+    instance: str,
+    request: Request,
+    services: ServicesDep,
+    caller: ReadCaller,
+) -> StreamingResponse:
+    uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+    return await _retrieve(services, caller, request, uids)
+
+
+@router.get("/studies/{study}/metadata", summary="A study's metadata")
+async def study_metadata(
+    study: str, request: Request, services: ServicesDep, caller: ReadCaller
+) -> JSONResponse:
+    return await _metadata_response(services, caller, request, {"StudyInstanceUID": study})
+
+
+@router.get("/studies/{study}/series/{series}/metadata", summary="A series' metadata")
+async def series_metadata_route(
+    study: str, series: str, request: Request, services: ServicesDep, caller: ReadCaller
+) -> JSONResponse:
+    uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    return await _metadata_response(services, caller, request, uids)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/metadata",
+    summary="An instance's metadata",
+)
+async def instance_metadata_route(
+    study: str,
+    series: str,
+    instance: str,
+    request: Request,
+    services: ServicesDep,
+    caller: ReadCaller,
+) -> JSONResponse:
+    uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+    return await _metadata_response(services, caller, request, uids)
