@@ -104,3 +104,4 @@ def requires(scope: str) -> Callable:
 
 
 ReadCaller = Annotated[Caller, Depends(requires("read"))]
+IngestCaller = Annotated[Caller, Depends(requires("ingest"))]
