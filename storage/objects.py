@@ -129,14 +129,23 @@ class ObjectStore:
 
     def head(self, key: str, length: int) -> bytes:
         """The first `length` bytes of an object (all of it if shorter): a header's worth."""
+        return self.read_range(key, 0, length)
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """`length` bytes of an object from `offset` (fewer at its end)."""
         response = self._call(
-            f"get {key}", self._client.get_object, self.bucket, key, offset=0, length=length
+            f"get {key}", self._client.get_object, self.bucket, key, offset=offset, length=length
         )
         try:
             return response.read()
         finally:
             response.close()
             response.release_conn()
+
+    def open(self, key: str, size: int, block: int = 1024 * 1024) -> io.BufferedReader:
+        """A seekable file over an object that fetches only the ranges read, a block at a
+        time: one frame of a large multi-frame object costs a few range GETs, not the whole."""
+        return io.BufferedReader(_RangeReader(self, key, size), buffer_size=block)
 
     def stream(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
         """Yield an object's bytes in chunks, so a large object never sits in memory whole."""
@@ -163,3 +172,37 @@ class ObjectStore:
                 yield ObjectInfo(key=obj.object_name, size=int(obj.size or 0))
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise ObjectStoreUnavailable(f"list {prefix}: {exc}") from exc
+
+
+class _RangeReader(io.RawIOBase):
+    """The raw side of `ObjectStore.open`: each read is one range GET."""
+
+    def __init__(self, store: ObjectStore, key: str, size: int) -> None:
+        self.store = store
+        self.key = key
+        self.name = key  # what pydicom reports as the file name
+        self.size = size
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        length = min(len(buffer), self.size - self.position)
+        if length <= 0:
+            return 0
+        data = self.store.read_range(self.key, self.position, length)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)

@@ -11,10 +11,22 @@ import httpx
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.encaps import get_frame
+from pydicom.uid import generate_uid
 
 from pocketpacs.cli import main
 from tests.conftest import REGION, RunningArchive, bucket_of
-from tests.test_cstore import dataset_bytes, run_storescu, small_ct, wait_drained, write
+from tests.dicom_factory import multiframe_rgb
+from tests.test_cstore import (
+    associated,
+    dataset_bytes,
+    run_storescu,
+    send_raw,  # noqa: F401  (pynetdicom sends files as they are)
+    small_ct,
+    wait_drained,
+    write,
+)
 
 
 @pytest.fixture
@@ -38,10 +50,17 @@ def wado(archive: RunningArchive, path: str, key: str, **params) -> httpx.Respon
 
 
 def parts(response: httpx.Response) -> list[bytes]:
-    """The bodies of a multipart/related response."""
+    """The bodies of a multipart/related application/dicom response."""
+    assert response.headers["content-type"].startswith(
+        'multipart/related; type="application/dicom"'
+    ), response.text
+    return parts_of(response)
+
+
+def parts_of(response: httpx.Response) -> list[bytes]:
+    """The bodies of any multipart/related response."""
     assert response.status_code == 200, response.text
     content_type = response.headers["content-type"]
-    assert content_type.startswith('multipart/related; type="application/dicom"')
     boundary = re.search(r"boundary=(\S+)", content_type).group(1).encode()
     body = response.content
     assert body.endswith(b"--" + boundary + b"--\r\n")
@@ -135,3 +154,45 @@ def test_dicomweb_client_retrieves(region, keys, tmp_path: Path) -> None:
     assert [str(d.SOPInstanceUID) for d in datasets] == list(sent(tmp_path, "B"))
     metadata = client.retrieve_study_metadata(studies["B"])
     assert len(metadata) == 1
+
+
+def _push_as_north(archive: RunningArchive, ds, path: Path) -> tuple[str, str, str]:
+    """Store a data set as sent by north's modality, in its own transfer syntax."""
+    ds.PatientID, ds.IssuerOfPatientID = "P1", REGION
+    ds.save_as(path, enforce_file_format=True)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    with associated(archive, [(str(ds.SOPClassUID), syntax)], calling_ae="NORTHCT") as assoc:
+        assert assoc.send_c_store(path).Status == 0x0000
+    wait_drained(archive)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def frames_of(archive: RunningArchive, uids: tuple[str, str, str], numbers: str, key: str):
+    study, series, sop = uids
+    path = f"/studies/{study}/series/{series}/instances/{sop}/frames/{numbers}"
+    return wado(archive, path, key)
+
+
+@pytest.mark.usefixtures("send_raw")
+def test_frames_native_and_encapsulated(region, keys, tmp_path: Path) -> None:
+    archive, _ = region
+    native = dcmread(multiframe_rgb(tmp_path / "rgb", frames=5, size=32, seed="frames"))
+    uids = _push_as_north(archive, native, tmp_path / "native.dcm")
+    size = 32 * 32 * 3
+    response = frames_of(archive, uids, "2,5", keys["north"])
+    assert response.headers["content-type"].startswith(
+        'multipart/related; type="application/octet-stream"'
+    )
+    assert parts_of(response) == [native.PixelData[size : 2 * size], native.PixelData[4 * size :]]
+
+    rle = dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    rle.SOPInstanceUID = generate_uid(entropy_srcs=["frames-rle"])
+    rle.file_meta.MediaStorageSOPInstanceUID = rle.SOPInstanceUID
+    uids = _push_as_north(archive, rle, tmp_path / "rle.dcm")
+    second = get_frame(rle.PixelData, 1, number_of_frames=2)
+    assert parts_of(frames_of(archive, uids, "2", keys["north"])) == [second]
+
+    assert frames_of(archive, uids, "3", keys["north"]).status_code == 404
+    assert frames_of(archive, uids, "0", keys["north"]).status_code == 400
+    assert frames_of(archive, uids, "1,x", keys["north"]).status_code == 400
+    assert frames_of(archive, uids, "1", keys["south"]).status_code == 404

@@ -10,18 +10,20 @@ if it did not exist.
 from __future__ import annotations
 
 import secrets
+import struct
 from collections.abc import Iterator
 from itertools import groupby
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from storage import audit
 from storage.audit import AuditEntry
+from storage.frames import FrameNotFound, read_frames
 from storage.header import valid_uid
 from storage.metadata import series_metadata
-from storage.objects import ObjectStore
+from storage.objects import ObjectStore, ObjectStoreUnavailable
 from storage.query import Located, Query, QueryLevel, Viewer, locate
 from storage.registry import Caller
 from viewer_api.deps import ReadCaller, Services, ServicesDep, record
@@ -67,14 +69,18 @@ def _located(
     return found
 
 
+def _part_head(boundary: str, content_type: str, length: int) -> bytes:
+    """A body part's boundary and headers (RFC 2387)."""
+    return (
+        f"--{boundary}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
 def _multipart(objects: ObjectStore, located: list[Located], boundary: str) -> Iterator[bytes]:
     """Each instance as one part, its bytes streamed from the bucket as they come."""
     for item in located:
-        yield (
-            f"--{boundary}\r\n"
-            f"Content-Type: application/dicom; transfer-syntax={item.transfer_syntax_uid}\r\n"
-            f"Content-Length: {item.size}\r\n\r\n"
-        ).encode()
+        part_type = f"application/dicom; transfer-syntax={item.transfer_syntax_uid}"
+        yield _part_head(boundary, part_type, item.size)
         yield from objects.stream(item.object_key)
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
@@ -145,6 +151,52 @@ async def retrieve_instance(
 ) -> StreamingResponse:
     uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
     return await _retrieve(services, caller, request, uids)
+
+
+def _frames(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str], numbers: list[int]
+) -> tuple[Located, list[bytes]]:
+    [item] = _located(services, caller, request, uids)
+    try:
+        return item, read_frames(services.objects, item, numbers)
+    except FrameNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except ObjectStoreUnavailable as exc:
+        raise HTTPException(503, f"object store unavailable: {exc}") from exc
+    except (ValueError, KeyError, AttributeError, EOFError, struct.error) as exc:
+        # A damaged pixel data element or offset table: the frame cannot be cut out.
+        raise HTTPException(415, f"cannot extract the frame: {exc}"[:300]) from exc
+
+
+def _frame_numbers(text: str) -> list[int]:
+    numbers = [part.strip() for part in text.split(",")]
+    if not numbers or not all(n.isdigit() and int(n) >= 1 for n in numbers):
+        raise HTTPException(400, "frames are a comma-separated list of numbers from 1")
+    return [int(n) for n in numbers]
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+    summary="Frames of an instance, as stored",
+)
+async def retrieve_frames(
+    study: str,
+    series: str,
+    instance: str,
+    frames: str,
+    request: Request,
+    services: ServicesDep,
+    caller: ReadCaller,
+) -> Response:
+    numbers = _frame_numbers(frames)
+    uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+    item, found = await run_in_threadpool(_frames, services, caller, request, uids, numbers)
+    boundary = secrets.token_hex(16)
+    part_type = f"application/octet-stream; transfer-syntax={item.transfer_syntax_uid}"
+    body = b"".join(_part_head(boundary, part_type, len(f)) + f + b"\r\n" for f in found)
+    body += f"--{boundary}--\r\n".encode()
+    media_type = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+    return Response(body, media_type=media_type)
 
 
 @router.get("/studies/{study}/metadata", summary="A study's metadata")
