@@ -10,10 +10,20 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pocketpacs.cli import main
 from tests.conftest import REGION, RunningArchive, dcmtk_env, free_port
-from tests.test_cstore import dataset_bytes
+from tests.test_cstore import (
+    associated,
+    dataset_bytes,
+    send_raw,  # noqa: F401  (pynetdicom sends files as they are)
+    wait_drained,
+)
 
 
 @pytest.fixture
@@ -132,3 +142,43 @@ def test_c_get_returns_a_series_over_the_same_association(region, tmp_path: Path
     assert got.keys() == want.keys() and len(got) == 1
     for uid in want:
         assert dataset_bytes(got[uid]) == dataset_bytes(want[uid])
+
+
+@pytest.mark.usefixtures("send_raw")
+def test_c_move_counts_sub_operations_and_lists_failed_instances(region, destination: Path) -> None:
+    """An instance the destination cannot take (RLE to a storescp accepting only native
+    syntaxes) fails alone: the others arrive, and the final response says which failed."""
+    archive, studies = region
+    rle = dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    rle.SOPInstanceUID = generate_uid(entropy_srcs=["move-rle"])
+    rle.file_meta.MediaStorageSOPInstanceUID = rle.SOPInstanceUID
+    rle.StudyInstanceUID = studies["A"]
+    rle.PatientID, rle.IssuerOfPatientID = "P1", REGION
+    path = destination.parent / "rle.dcm"
+    rle.save_as(path, enforce_file_format=True)
+    context = [(str(rle.SOPClassUID), str(rle.file_meta.TransferSyntaxUID))]
+    with associated(archive, context, calling_ae="NORTHCT") as assoc:
+        assert assoc.send_c_store(path).Status == 0x0000
+    wait_drained(archive)
+
+    ae = AE(ae_title="NORTHCT")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", archive.dicom_port, ae_title=archive.ae_title)
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = studies["A"]
+        responses = list(
+            assoc.send_c_move(identifier, "DEST", StudyRootQueryRetrieveInformationModelMove)
+        )
+        assoc.release()
+    finally:
+        ae.shutdown()
+    final, answer = responses[-1]
+    assert final.Status == 0xB000, final
+    assert final.NumberOfCompletedSuboperations == 3
+    assert final.NumberOfFailedSuboperations == 1
+    # One failed instance: a single UI value.
+    assert answer.FailedSOPInstanceUIDList == str(rle.SOPInstanceUID)
+    assert len(list(destination.iterdir())) == 3
