@@ -13,7 +13,7 @@ from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
 from pacs.statuses import ERROR_COMMENT_LENGTH
 from storage import audit
-from storage.query import ATTRIBUTES, COMPUTED, InvalidQuery, Query, QueryLevel, Viewer, search
+from storage.query import ATTRIBUTES, COMPUTED, InvalidQuery, Query, QueryLevel, search
 
 if TYPE_CHECKING:
     from pacs.handlers import DicomContext
@@ -97,7 +97,7 @@ def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Data
     failure = Dataset()
     try:
         query = query_of(identifier, str(event.request.AffectedSOPClassUID))
-        matches = search(context.index, query, Viewer(tally.institution))
+        matches = search(context.index, query, context.viewer(tally))
     except InvalidQuery as exc:
         failure.ErrorComment = str(exc)[:ERROR_COMMENT_LENGTH]
         context.record(tally, "query", audit.FAILED, detail=str(exc))

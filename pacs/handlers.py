@@ -27,6 +27,7 @@ from storage import audit
 from storage.audit import AuditEntry, AuditLog
 from storage.index import Index, IndexUnavailable, Origin
 from storage.ingest import InstanceToStore, StoreOutcome
+from storage.query import Viewer
 from storage.registry import Registry
 from storage.spool import Spool
 
@@ -60,6 +61,7 @@ class DicomContext:
     index: Index | None = None
     registry: Registry | None = None
     ae_title: str = ""
+    regional_issuer: str = ""
     tallies: weakref.WeakKeyDictionary[Association, AssociationTally] = field(
         default_factory=weakref.WeakKeyDictionary
     )
@@ -73,6 +75,10 @@ class DicomContext:
             found = AssociationTally(calling_ae, requestor.address, institution)
             self.tallies[assoc] = found
         return found
+
+    def viewer(self, tally: AssociationTally) -> Viewer:
+        """Whose access rules apply to this association's queries and retrievals."""
+        return Viewer(tally.institution, self.regional_issuer)
 
     def finish(self, tally: AssociationTally) -> None:
         """An association ended: its one log line, and its audit event if it stored."""

@@ -22,7 +22,7 @@ from pynetdicom.presentation import build_context
 from pacs.find import CANCELLED, IDENTIFIER_DOES_NOT_MATCH, query_of
 from pacs.statuses import ERROR_COMMENT_LENGTH
 from storage import audit
-from storage.query import InvalidQuery, Located, Query, Viewer, locate
+from storage.query import InvalidQuery, Located, Query, locate
 
 if TYPE_CHECKING:
     from pacs.handlers import AssociationTally, DicomContext
@@ -38,7 +38,7 @@ def _located(
     event: Event, context: DicomContext, tally: AssociationTally, model: str
 ) -> list[Located]:
     query = query_of(event.identifier, model)
-    return locate(context.index, Query(query.level, query.keys), Viewer(tally.institution))
+    return locate(context.index, Query(query.level, query.keys), context.viewer(tally))
 
 
 def _failure(reason: str) -> Dataset:

@@ -127,6 +127,7 @@ class DicomServer:
         audit: AuditLog | None = None,
         index: Index | None = None,
         registry: Registry | None = None,
+        regional_issuer: str = "",
     ) -> None:
         self.ae_title = ae_title
         self.host = host
@@ -138,6 +139,7 @@ class DicomServer:
             index=index,
             registry=registry,
             ae_title=ae_title,
+            regional_issuer=regional_issuer,
         )
         self._server: _Listener | None = None
 

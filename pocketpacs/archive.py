@@ -139,6 +139,7 @@ def serve(settings: Settings) -> None:
             audit=AuditLog(core.index),
             index=core.index,
             registry=registry,
+            regional_issuer=settings.regional_issuer,
         )
         dicom.start()
         app = create_app(
@@ -149,6 +150,7 @@ def serve(settings: Settings) -> None:
                 registry=registry,
                 audit=AuditLog(core.index),
                 open_access=settings.open,
+                regional_issuer=settings.regional_issuer,
             )
         )
         http = uvicorn.Server(

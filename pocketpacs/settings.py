@@ -41,6 +41,9 @@ class Settings(BaseModel):
     ingest_workers: int = Field(8, ge=1, le=64)
     spool_limit_mb: int = Field(20_000, ge=1)
     spool_defer_seconds: float = Field(30.0, ge=0, le=3600)
+    # Issuer of the region's patient identifier: a PatientID with this issuer recognises
+    # a patient across institutions without the issuer in the request.
+    regional_issuer: str = ""
     open: bool = False
 
     @field_validator("data_dir")

@@ -117,9 +117,11 @@ class Query:
 
 @dataclass(frozen=True)
 class Viewer:
-    """On whose behalf a search runs: the institution whose rules apply."""
+    """On whose behalf a search runs: the institution whose rules apply, and the issuer of
+    the region's patient identifier, if the platform has one (`POCKETPACS_REGIONAL_ISSUER`)."""
 
     institution: str
+    regional_issuer: str = ""
 
 
 Match = dict[str, object]
@@ -132,12 +134,17 @@ def is_exact(value: str) -> bool:
 
 def visible_to(viewer: Viewer, keys: Mapping[str, str]) -> ColumnElement[bool]:
     """The access rule, for every route: an institution sees every study it sent, and
-    another institution's study only through an exact patient identifier (PatientID and
-    its IssuerOfPatientID, both single values), which the query itself then matches on.
-    So nobody browses the region by wildcard or by date."""
+    another institution's study only through an exact patient identifier, which the query
+    itself then matches on: PatientID with its IssuerOfPatientID, both single values, or a
+    PatientID alone when it is the regional identifier (the patient's issuer is the
+    configured regional issuer). So nobody browses the region by wildcard or by date."""
     own = Study.source_institution == viewer.institution
-    if is_exact(keys.get("PatientID", "")) and is_exact(keys.get("IssuerOfPatientID", "")):
+    if not is_exact(keys.get("PatientID", "")):
+        return own
+    if is_exact(keys.get("IssuerOfPatientID", "")):
         return true()
+    if viewer.regional_issuer and not keys.get("IssuerOfPatientID", "").strip():
+        return or_(own, Patient.issuer_of_patient_id == viewer.regional_issuer)
     return own
 
 

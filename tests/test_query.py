@@ -195,3 +195,14 @@ def test_other_institutions_only_through_an_exact_patient_identifier(region: Ind
     assert sorted(m["PatientID"] for m in patients) == ["P1", "S7"]
     images = search(region, Query(QueryLevel.IMAGE, {"StudyInstanceUID": STUDY}), SOUTH)
     assert images == []
+
+
+def test_a_configured_regional_identifier_recognises_without_the_issuer(region: Index) -> None:
+    regional = Viewer("south", regional_issuer="REGION")
+    # P1's issuer is the regional one: the PatientID alone is enough.
+    assert studies(region, regional, PatientID="P1") == [STUDY, "3.2", "3.4"]
+    # Not with a wildcard, and not for a hospital's own local identifiers.
+    assert studies(region, regional, PatientID="P*") == ["3.4"]
+    assert studies(region, Viewer("south", regional_issuer="NATIONAL"), PatientID="P1") == ["3.4"]
+    # An explicit issuer still works as before.
+    assert studies(region, regional, PatientID="Z9", IssuerOfPatientID="REGION") == ["3.3"]

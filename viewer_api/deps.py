@@ -14,6 +14,7 @@ from storage import audit
 from storage.audit import AuditEntry, AuditLog
 from storage.index import Index, IndexUnavailable
 from storage.objects import ObjectStore
+from storage.query import Viewer
 from storage.registry import SCOPES, Caller, Registry
 from storage.spool import Spool
 
@@ -33,6 +34,11 @@ class Services:
     registry: Registry | None = None
     audit: AuditLog | None = None
     open_access: bool = False
+    regional_issuer: str = ""
+
+    def viewer(self, caller: Caller) -> Viewer:
+        """Whose access rules apply to this caller's queries and retrievals."""
+        return Viewer(caller.institution, self.regional_issuer)
 
 
 def get_services(request: Request) -> Services:

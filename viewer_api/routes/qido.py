@@ -20,7 +20,6 @@ from storage.query import (
     Kind,
     Query,
     QueryLevel,
-    Viewer,
     search,
 )
 from storage.registry import Caller
@@ -143,7 +142,7 @@ def _element(keyword: str, value: object) -> tuple[str, dict]:
 
 def _answer(services: Services, caller: Caller, request: Request, query: Query) -> JSONResponse:
     try:
-        matches = search(services.index, query, Viewer(caller.institution))
+        matches = search(services.index, query, services.viewer(caller))
     except InvalidQuery as exc:
         raise HTTPException(400, str(exc)) from exc
     wanted = [k for k in query.keys if k in ATTRIBUTES or k in COMPUTED]

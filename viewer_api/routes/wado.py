@@ -24,7 +24,7 @@ from storage.frames import FrameNotFound, read_frames
 from storage.header import valid_uid
 from storage.metadata import series_metadata
 from storage.objects import ObjectStore, ObjectStoreUnavailable
-from storage.query import Located, Query, QueryLevel, Viewer, locate
+from storage.query import Located, Query, QueryLevel, locate
 from storage.registry import Caller
 from viewer_api.deps import ReadCaller, Services, ServicesDep, record
 
@@ -50,7 +50,7 @@ def _located(
         if "SeriesInstanceUID" in uids
         else QueryLevel.STUDY
     )
-    found = locate(services.index, Query(level, keys), Viewer(caller.institution))
+    found = locate(services.index, Query(level, keys), services.viewer(caller))
     outcome = audit.OK if found else audit.FAILED
     record(
         services,
