@@ -61,13 +61,15 @@ class StoreOutcome(enum.Enum):
 class InstanceToStore:
     """A received Part 10 file on local disk and who sent it.
 
-    `expected_*` carry the UIDs a C-STORE request named, which the data set must match.
+    `expected_*` carry the UIDs the request named (a C-STORE request's SOP Class and
+    Instance, a STOW-RS request's study), which the data set must match.
     """
 
     path: Path
     origin: Origin
     expected_sop_class_uid: str | None = None
     expected_sop_instance_uid: str | None = None
+    expected_study_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,14 @@ class IngestPipeline:
 
     def validate(self, item: InstanceToStore) -> InstanceHeader:
         """Parse and validate the header; raises `InvalidInstance`."""
-        return read_header(item.path, item.expected_sop_class_uid, item.expected_sop_instance_uid)
+        header = read_header(item.path, item.expected_sop_class_uid, item.expected_sop_instance_uid)
+        expected_study = item.expected_study_instance_uid
+        if expected_study and header.study_instance_uid != expected_study:
+            raise InvalidInstance(
+                "Study Instance UID differs from the request",
+                Rejection.DOES_NOT_MATCH_SOP_CLASS,
+            )
+        return header
 
     def store(self, item: InstanceToStore, header: InstanceHeader | None = None) -> StoreResult:
         """Store one instance; success only once the object and the index row are durable."""

@@ -124,3 +124,33 @@ def test_dicomweb_client_stores(region, keys, tmp_path: Path) -> None:
     assert "00081199" in answer
     wait_drained(archive)
     assert str(dcmread(path).SOPInstanceUID) in rows(archive.data_dir)
+
+
+def test_storing_into_a_named_study_refuses_other_studies(region, keys, tmp_path: Path) -> None:
+    archive, _ = region
+    mine = write(small_ct(number=1, seed="stow-named"), tmp_path / "mine.dcm")
+    other = write(small_ct(number=1, seed="stow-other"), tmp_path / "other.dcm")
+    study = str(dcmread(mine).StudyInstanceUID)
+    response = httpx.post(
+        f"{archive.http}/dicomweb/studies/{study}",
+        content=body(
+            [("application/dicom", mine.read_bytes()), ("application/dicom", other.read_bytes())]
+        ),
+        headers={
+            "Authorization": f"Bearer {keys['ingest']}",
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+        },
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == [str(dcmread(other).SOPInstanceUID)]
+    assert failed["00081197"]["Value"] == [0xA900]
+    assert "Study Instance UID differs" in failed["0040A160"]["Value"][0]
+    bad_path = httpx.post(
+        f"{archive.http}/dicomweb/studies/not.a.uid!",
+        content=body([("application/dicom", mine.read_bytes())]),
+        headers={"Authorization": f"Bearer {keys['ingest']}"},
+        timeout=60,
+    )
+    assert bad_path.status_code == 400

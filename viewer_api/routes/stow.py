@@ -24,6 +24,7 @@ from python_multipart.multipart import parse_options_header
 
 from storage import audit
 from storage.audit import AuditEntry
+from storage.header import valid_uid
 from storage.index import Origin
 from storage.ingest import InstanceToStore, StoreOutcome, StoreResult
 from storage.registry import Caller
@@ -86,7 +87,7 @@ def _uids_of(path: Path) -> tuple[str, str]:
         return "", ""
 
 
-def _store(services: Services, caller: Caller, part: _Part) -> _Outcome:
+def _store(services: Services, caller: Caller, part: _Part, study: str | None) -> _Outcome:
     """One finished part through the ingest spool, as a C-STORE data set goes."""
     content_type, _ = parse_options_header(part.headers.get("content-type", "application/dicom"))
     assert part.path is not None
@@ -101,6 +102,7 @@ def _store(services: Services, caller: Caller, part: _Part) -> _Outcome:
     item = InstanceToStore(
         path=part.path,
         origin=Origin(institution=caller.institution, calling_ae=caller.actor, route="stow"),
+        expected_study_instance_uid=study,
     )
     assert services.spool is not None
     result: StoreResult = services.spool.accept(item)
@@ -162,6 +164,25 @@ async def store_instances(
     services: ServicesDep,
     caller: IngestCaller,
 ) -> JSONResponse:
+    return await _stow(request, services, caller, None)
+
+
+@router.post("/studies/{study}", summary="Store instances of one study")
+async def store_study_instances(
+    study: str,
+    request: Request,
+    services: ServicesDep,
+    caller: IngestCaller,
+) -> JSONResponse:
+    """Instances of another study are refused (0xA900) and listed as failed."""
+    if not valid_uid(study):
+        raise HTTPException(400, "StudyInstanceUID in the path is not a valid UID")
+    return await _stow(request, services, caller, study)
+
+
+async def _stow(
+    request: Request, services: Services, caller: Caller, study: str | None
+) -> JSONResponse:
     content_type, options = parse_options_header(request.headers.get("content-type"))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/related" or not boundary:
@@ -219,7 +240,7 @@ async def store_instances(
             while finished:
                 part = finished.pop(0)
                 try:
-                    outcomes.append(await run_in_threadpool(_store, services, caller, part))
+                    outcomes.append(await run_in_threadpool(_store, services, caller, part, study))
                 finally:
                     part.discard()
         parser.finalize()
