@@ -56,12 +56,10 @@ def query_of(identifier: Dataset, sop_class_uid: str) -> Query:
 
 
 def _value(value: object) -> object:
-    if value is None:
-        return ""
+    """An index value as pydicom takes it: dates as DA text, numbers as numbers (US and IS
+    both take an int), nothing as an empty element."""
     if isinstance(value, date):
         return value.strftime("%Y%m%d")
-    if isinstance(value, int):
-        return str(value)
     return value
 
 

@@ -125,9 +125,15 @@ def test_patient_root_levels_with_pynetdicom_and_bad_levels(region) -> None:
             SeriesInstanceUID="",
             SOPInstanceUID="",
             InstanceNumber="",
+            Rows=None,
+            Columns=None,
+            NumberOfFrames="",
         )
         assert status == 0x0000
         assert sorted(int(i.InstanceNumber) for i in images) == [1, 2, 3]
+        # US keys come back as numbers, absent values as empty elements.
+        assert {(i.Rows, i.Columns) for i in images} == {(64, 64)}
+        assert all(i.NumberOfFrames in (None, "") for i in images)
         _, status = ask(StudyRootQueryRetrieveInformationModelFind, QueryRetrieveLevel="PATIENT")
         assert status == 0xA900
         _, status = ask(StudyRootQueryRetrieveInformationModelFind, QueryRetrieveLevel="FRAME")
