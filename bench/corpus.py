@@ -322,28 +322,43 @@ class Corpus:
         self.manifest[rel] = entry
         return entry
 
+    def _ensure_spec(
+        self, spec: SeriesSpec, count: int, files: list[CorpusFile], generated: int, log
+    ) -> int:
+        """Append the first `count` files of `spec` to `files`; returns `generated` plus
+        the files written now."""
+        spec_hash = _spec_hash(spec)
+        for index in range(count):
+            rel = f"{spec.name}/{index:04d}.dcm"
+            entry = self._cached(rel, spec_hash)
+            if entry is None:
+                ds = build_instance(spec, index)
+                entry = self._write(rel, spec_hash, ds, {"syntax": str(spec.syntax)})
+                generated += 1
+                if generated % 100 == 0:
+                    log(f"  corpus: generated {generated} files ...")
+                    self._save()
+            files.append(
+                CorpusFile(self.root / rel, spec.name, spec.kind, str(spec.syntax), entry["size"])
+            )
+        return generated
+
+    def ensure_series(self, spec: SeriesSpec, log=print) -> list[CorpusFile]:
+        """Every file of one series outside SERIES (`spec.full` of them), cached like the
+        corpus: for benchmarks that need a series of a given size."""
+        files: list[CorpusFile] = []
+        if self._ensure_spec(spec, spec.full, files, 0, log):
+            self._save()
+        return files
+
     def ensure(self, quick: bool, log=print) -> list[CorpusFile]:
         """Every file of the quick or full corpus, generating what is missing."""
         files: list[CorpusFile] = []
         generated = 0
         for spec in SERIES:
-            spec_hash = _spec_hash(spec)
-            count = spec.quick if quick else spec.full
-            for index in range(count):
-                rel = f"{spec.name}/{index:04d}.dcm"
-                entry = self._cached(rel, spec_hash)
-                if entry is None:
-                    ds = build_instance(spec, index)
-                    entry = self._write(rel, spec_hash, ds, {"syntax": str(spec.syntax)})
-                    generated += 1
-                    if generated % 100 == 0:
-                        log(f"  corpus: generated {generated} files ...")
-                        self._save()
-                files.append(
-                    CorpusFile(
-                        self.root / rel, spec.name, spec.kind, str(spec.syntax), entry["size"]
-                    )
-                )
+            generated = self._ensure_spec(
+                spec, spec.quick if quick else spec.full, files, generated, log
+            )
         if generated:
             self._save()
             log(f"  corpus: generated {generated} files, reused {len(files) - generated}")

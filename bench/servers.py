@@ -307,13 +307,16 @@ class Server:
 class Pocketpacs(Server):
     health_url = "http://127.0.0.1:{port}/healthz"
 
-    def start(self) -> None:
+    def start(self, env_extra: dict[str, str] | None = None) -> None:
+        """`env_extra` adds variables (POCKETPACS_DATABASE_URL for PostgreSQL, say) to an
+        environment otherwise free of POCKETPACS_*."""
         self.dicom_port, self.http_port = free_port(), free_port()
         while self.http_port == self.dicom_port:
             self.http_port = free_port()
         self.ae_title = "POCKETPACS"
         env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETPACS_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(env_extra or {})
         self.data_dir = self.workdir / "data"
         command = [
             str(VENV_PYTHON),
@@ -419,7 +422,11 @@ class Pocketpacs(Server):
 class Orthanc(Server):
     health_url = "http://127.0.0.1:{port}/system"
 
-    def start(self, shim: Path) -> None:
+    def start(
+        self, shim: Path, plugins: list[str] | None = None, extra: dict | None = None
+    ) -> None:
+        """`plugins` (shared libraries) and `extra` configuration keys are for the query
+        benchmark (DICOMweb, C-FIND permission); without them, no plugin and defaults."""
         self.dicom_port, self.http_port = free_port(), free_port()
         while self.http_port == self.dicom_port:
             self.http_port = free_port()
@@ -431,7 +438,7 @@ class Orthanc(Server):
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "StorageCompression": False,
-            "Plugins": [],
+            "Plugins": list(plugins or []),
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
@@ -444,6 +451,7 @@ class Orthanc(Server):
             "DicomAlwaysAllowStore": True,
             "DicomModalities": {},
             "SaveJobs": False,
+            **(extra or {}),
         }
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
