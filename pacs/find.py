@@ -88,18 +88,23 @@ def response_of(match: dict, identifier: Dataset, retrieve_ae_title: str) -> Dat
     return answer
 
 
+def failure(reason: str) -> Dataset:
+    """A failed response's identifier: the Error Comment saying why."""
+    answer = Dataset()
+    answer.ErrorComment = reason[:ERROR_COMMENT_LENGTH]
+    return answer
+
+
 def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Dataset | None]]:
     """EVT_C_FIND: every match visible to the caller's institution; C-CANCEL stops it."""
     tally = context.tally(event.assoc)
     identifier = event.identifier
-    failure = Dataset()
     try:
         query = query_of(identifier, str(event.request.AffectedSOPClassUID))
         matches = search(context.index, query, context.viewer(tally))
     except InvalidQuery as exc:
-        failure.ErrorComment = str(exc)[:ERROR_COMMENT_LENGTH]
         context.record(tally, "query", audit.FAILED, detail=str(exc))
-        yield IDENTIFIER_DOES_NOT_MATCH, failure
+        yield IDENTIFIER_DOES_NOT_MATCH, failure(str(exc))
         return
     summary = ", ".join(f"{k}={v}" for k, v in query.keys.items() if v)
     context.record(

@@ -19,8 +19,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
 
-from pacs.find import CANCELLED, IDENTIFIER_DOES_NOT_MATCH, query_of
-from pacs.statuses import ERROR_COMMENT_LENGTH
+from pacs.find import CANCELLED, IDENTIFIER_DOES_NOT_MATCH, failure, query_of
 from storage import audit
 from storage.query import InvalidQuery, Located, Query, locate
 
@@ -39,12 +38,6 @@ def _located(
 ) -> list[Located]:
     query = query_of(event.identifier, model)
     return locate(context.index, Query(query.level, query.keys), context.viewer(tally))
-
-
-def _failure(reason: str) -> Dataset:
-    answer = Dataset()
-    answer.ErrorComment = reason[:ERROR_COMMENT_LENGTH]
-    return answer
 
 
 def _instances(
@@ -86,7 +79,7 @@ def handle_get(event: Event, context: DicomContext) -> Iterator:
     except InvalidQuery as exc:
         context.record(tally, "retrieve", audit.FAILED, detail=str(exc))
         yield 1
-        yield IDENTIFIER_DOES_NOT_MATCH, _failure(str(exc))
+        yield IDENTIFIER_DOES_NOT_MATCH, failure(str(exc))
         return
     context.record(
         tally, "retrieve", audit.OK, resource=f"C-GET {_summary(event)}", instances=len(located)
@@ -112,7 +105,7 @@ def handle_move(event: Event, context: DicomContext) -> Iterator:
         context.record(tally, "retrieve", audit.FAILED, detail=str(exc))
         yield node.host, node.port
         yield 1
-        yield IDENTIFIER_DOES_NOT_MATCH, _failure(str(exc))
+        yield IDENTIFIER_DOES_NOT_MATCH, failure(str(exc))
         return
     context.record(
         tally,

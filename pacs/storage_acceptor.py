@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import struct
-import tempfile
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -47,6 +44,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pacs import commands
 from pacs.handlers import AssociationTally, DicomContext
 from pacs.statuses import VerificationStatus
+from storage.spool import IncomingFile
 
 log = logging.getLogger("pocketpacs.dicom")
 
@@ -373,7 +371,7 @@ class _Session:
         self.sock.sendall(out)
 
 
-class _IncomingDataSet:
+class _IncomingDataSet(IncomingFile):
     """A data set being received: a Part 10 file in the spool's ``incoming/`` directory,
     laid out as pynetdicom's chunked receive writes it (preamble, file meta, data set)."""
 
@@ -384,29 +382,15 @@ class _IncomingDataSet:
         transfer_syntax: str,
         acceptor: StorageAcceptor,
     ) -> None:
+        super().__init__(acceptor.context.spool.incoming)
         self.command = command
         self.context_id = context_id
-        self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=acceptor.context.spool.incoming)
-        self.path = Path(name)
-        head = commands.encode_file_meta(
-            command.affected_sop_class_uid,
-            command.affected_sop_instance_uid,
-            transfer_syntax,
-            PYNETDICOM_IMPLEMENTATION_UID,
-            PYNETDICOM_IMPLEMENTATION_VERSION,
+        self.write(
+            commands.encode_file_meta(
+                command.affected_sop_class_uid,
+                command.affected_sop_instance_uid,
+                transfer_syntax,
+                PYNETDICOM_IMPLEMENTATION_UID,
+                PYNETDICOM_IMPLEMENTATION_VERSION,
+            )
         )
-        self.write(memoryview(head))
-
-    def write(self, data: memoryview) -> None:
-        while data:
-            data = data[os.write(self._fd, data) :]
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def discard(self) -> None:
-        """Remove the received file; the spool keeps its own link to what it accepted."""
-        self.close()
-        self.path.unlink(missing_ok=True)

@@ -20,16 +20,12 @@ from storage.embedded_s3 import EmbeddedS3
 from storage.index import Index
 from storage.ingest import IngestPipeline
 from storage.objects import ObjectStore, ObjectStoreUnavailable
-from storage.registry import Registry
+from storage.registry import DEFAULT_INSTITUTION, Registry
 from storage.spool import Spool
 from viewer_api.app import create_app
 from viewer_api.deps import Services
 
 log = logging.getLogger("pocketpacs")
-
-# The one institution of a development archive (`--open`): every caller the node registry
-# does not know belongs to it.
-DEFAULT_INSTITUTION = "default"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pocketpacs.archive import DEFAULT_INSTITUTION, Core, open_core, open_index, serve
+from pocketpacs.archive import Core, open_core, open_index, serve
 from pocketpacs.settings import Settings, SettingsError, load_settings
 from storage import audit
 from storage.audit import AuditEntry, AuditLog
@@ -22,7 +22,7 @@ from storage.embedded_s3 import EmbeddedS3Error
 from storage.index import Index, IndexUnavailable, Origin
 from storage.ingest import InstanceToStore, StoreOutcome, StoreResult
 from storage.objects import ObjectStoreUnavailable
-from storage.registry import Registry, RegistryError, parse_scopes
+from storage.registry import DEFAULT_INSTITUTION, Registry, RegistryError, parse_scopes
 from storage.spool import SpoolBusy
 
 log = logging.getLogger("pocketpacs")

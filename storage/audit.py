@@ -3,7 +3,7 @@ index database, read back by `pocketpacs audit` (and `GET /api/audit`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import select
@@ -41,19 +41,7 @@ class AuditLog:
     def record(self, entry: AuditEntry) -> None:
         try:
             with self.index.session() as session, session.begin():
-                session.add(
-                    AuditEvent(
-                        at=entry.at,
-                        actor=entry.actor,
-                        institution=entry.institution,
-                        action=entry.action,
-                        resource=entry.resource,
-                        source=entry.source,
-                        outcome=entry.outcome,
-                        instances=entry.instances,
-                        detail=entry.detail,
-                    )
-                )
+                session.add(AuditEvent(**asdict(entry)))
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"cannot write the audit trail: {exc}") from exc
 
@@ -84,17 +72,11 @@ class AuditLog:
             query = query.where(AuditEvent.at < until)
         with self.index.session() as session:
             rows = session.scalars(query.limit(limit)).all()
-            return [
-                AuditEntry(
-                    actor=row.actor,
-                    action=row.action,
-                    outcome=row.outcome,
-                    institution=row.institution,
-                    resource=row.resource,
-                    source=row.source,
-                    instances=row.instances,
-                    detail=row.detail,
-                    at=row.at if row.at.tzinfo else row.at.replace(tzinfo=UTC),
-                )
-                for row in rows
-            ]
+            return [_entry(row) for row in rows]
+
+
+def _entry(row: AuditEvent) -> AuditEntry:
+    found = {f.name: getattr(row, f.name) for f in fields(AuditEntry)}
+    if found["at"].tzinfo is None:  # SQLite keeps no time zone; every event is in UTC
+        found["at"] = found["at"].replace(tzinfo=UTC)
+    return AuditEntry(**found)

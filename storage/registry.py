@@ -21,6 +21,9 @@ from storage.index import Index
 from storage.models import ApiKey, Institution, Node
 
 SCOPES = ("read", "ingest", "share", "admin")
+# The one institution of a development archive (`serve --open`): every caller the registry
+# does not know, DICOM or HTTP, belongs to it; also where `import` files go by default.
+DEFAULT_INSTITUTION = "default"
 KEY_PREFIX = "ppk"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -83,6 +84,30 @@ def _decode_origin(text: str) -> Origin:
         route=data["r"],
         received_at=datetime.fromtimestamp(data["t"], UTC),
     )
+
+
+class IncomingFile:
+    """A data set being received into ``incoming/``, by any route (C-STORE, STOW-RS):
+    written as it arrives, then offered to `Spool.accept` by its path, then discarded (the
+    spool keeps its own hard link to what it accepted)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
+        self.path = Path(name)
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 class SpoolBusy(RuntimeError):

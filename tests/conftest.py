@@ -206,17 +206,21 @@ def archive_factory(tmp_path: Path) -> Iterator:
 def archive(archive_factory, s3_server: EmbeddedS3) -> RunningArchive:
     """`pocketpacs serve` on SQLite, using the session's S3 server with a bucket of its own."""
     bucket = make_bucket_store(s3_server).bucket
-    running = archive_factory(
-        {
-            "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
-            "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
-            "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
-            "POCKETPACS_S3_BUCKET": bucket,
-        }
-    )
+    running = archive_factory(s3_env(s3_server, bucket))
     running.start()
     running.bucket = bucket
     return running
+
+
+def s3_env(s3_server: EmbeddedS3, bucket: str | None = None) -> dict[str, str]:
+    """An archive's environment for the session's S3 server, in a bucket of its own (a new
+    one unless `bucket` is given)."""
+    return {
+        "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
+        "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
+        "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
+        "POCKETPACS_S3_BUCKET": bucket or make_bucket_store(s3_server).bucket,
+    }
 
 
 def bucket_of(archive: RunningArchive, s3_server: EmbeddedS3) -> ObjectStore:
@@ -246,14 +250,7 @@ def region(archive_factory, s3_server, tmp_path: Path) -> tuple[RunningArchive, 
     from pocketpacs.cli import main
     from tests.test_cstore import run_storescu, small_ct, wait_drained, write
 
-    archive = archive_factory(
-        {
-            "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
-            "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
-            "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
-            "POCKETPACS_S3_BUCKET": make_bucket_store(s3_server).bucket,
-        }
-    )
+    archive = archive_factory(s3_env(s3_server))
     archive.extra_args = []
     data = ["--data-dir", str(archive.data_dir)]
     for name in ("north", "south"):

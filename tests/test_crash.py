@@ -13,7 +13,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
-from tests.conftest import ROOT, make_bucket_store
+from tests.conftest import ROOT, s3_env
 from tests.dicom_factory import ct_series, transfer_syntax_of
 from tests.test_cstore import (
     assert_stored_unchanged,
@@ -66,12 +66,7 @@ def test_kill_9_mid_push_loses_no_acknowledged_instance(
 ) -> None:
     # Send each file's bytes as they are on disk (what a modality sends), not re-encoded.
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    env = {
-        "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
-        "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
-        "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
-        "POCKETPACS_S3_BUCKET": make_bucket_store(s3_server).bucket,
-    }
+    env = s3_env(s3_server)
     data_dir = tmp_path / "data"
     sent = ct_series(tmp_path / "ct", count=SLICES, seed="crash")
 

@@ -45,7 +45,7 @@ from tests.conftest import (
     bucket_of,
     dcmtk_env,
     free_port,
-    make_bucket_store,
+    s3_env,
 )
 from tests.dicom_factory import (
     compressed_samples,
@@ -188,14 +188,7 @@ def shared_archive(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Itera
         data_dir=folder / "data",
         dicom_port=free_port(),
         http_port=free_port(),
-        env=archive_env(
-            {
-                "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
-                "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
-                "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
-                "POCKETPACS_S3_BUCKET": make_bucket_store(s3_server).bucket,
-            }
-        ),
+        env=archive_env(s3_env(s3_server)),
         log_path=folder / "serve.log",
     )
     running.start()

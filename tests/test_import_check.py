@@ -20,7 +20,7 @@ from pocketpacs.cli import main
 from storage import layout
 from storage.embedded_s3 import EmbeddedS3
 from storage.objects import ObjectStore
-from tests.conftest import ROOT, PostgresDatabase, archive_env, make_bucket_store
+from tests.conftest import ROOT, PostgresDatabase, archive_env, make_bucket_store, s3_env
 from tests.dicom_factory import ct_series
 
 # pydicom samples with distinct SOP Instance UIDs (the MR_small variants share one).
@@ -63,14 +63,7 @@ class Cli:
 @pytest.fixture
 def cli(s3_server: EmbeddedS3, tmp_path: Path) -> Cli:
     objects = make_bucket_store(s3_server)
-    env = archive_env(
-        {
-            "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
-            "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
-            "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
-            "POCKETPACS_S3_BUCKET": objects.bucket,
-        }
-    )
+    env = archive_env(s3_env(s3_server, objects.bucket))
     return Cli(tmp_path / "data", env, objects)
 
 

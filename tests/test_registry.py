@@ -21,7 +21,7 @@ from storage.audit import AuditEntry, AuditLog
 from storage.index import Index
 from storage.models import ApiKey
 from storage.registry import Registry, RegistryError
-from tests.conftest import RunningArchive, dcmtk_env, make_bucket_store
+from tests.conftest import RunningArchive, dcmtk_env, s3_env
 from tests.dicom_factory import ct_series
 from tests.test_cstore import index_rows, run_storescu, wait_drained
 
@@ -158,14 +158,7 @@ def test_commands_register_and_show_keys_once(
 
 @pytest.fixture
 def closed_archive(archive_factory, s3_server) -> RunningArchive:
-    archive = archive_factory(
-        {
-            "POCKETPACS_S3_ENDPOINT": s3_server.endpoint,
-            "POCKETPACS_S3_ACCESS_KEY": s3_server.credentials.access_key,
-            "POCKETPACS_S3_SECRET_KEY": s3_server.credentials.secret_key,
-            "POCKETPACS_S3_BUCKET": make_bucket_store(s3_server).bucket,
-        }
-    )
+    archive = archive_factory(s3_env(s3_server))
     archive.extra_args = []
     archive.start()
     return archive

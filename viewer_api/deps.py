@@ -12,16 +12,14 @@ from fastapi.concurrency import run_in_threadpool
 
 from storage import audit
 from storage.audit import AuditEntry, AuditLog
+from storage.header import valid_uid
 from storage.index import Index, IndexUnavailable
 from storage.objects import ObjectStore
 from storage.query import Viewer
-from storage.registry import SCOPES, Caller, Registry
+from storage.registry import DEFAULT_INSTITUTION, SCOPES, Caller, Registry
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.http")
-
-# The one institution of a development archive (`--open`).
-OPEN_INSTITUTION = "default"
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,40 @@ def record(services: Services, entry: AuditEntry) -> None:
         log.exception("audit event lost: %s", entry)
 
 
+def record_for(
+    services: Services,
+    caller: Caller,
+    action: str,
+    outcome: str,
+    *,
+    resource: str = "",
+    instances: int = 0,
+    detail: str = "",
+) -> None:
+    """An audit event for something an authenticated HTTP caller did."""
+    record(
+        services,
+        AuditEntry(
+            actor=caller.actor,
+            institution=caller.institution,
+            action=action,
+            outcome=outcome,
+            resource=resource[:200],
+            source=caller.source,
+            instances=instances,
+            detail=detail,
+        ),
+    )
+
+
+def path_uids(uids: dict[str, str]) -> dict[str, str]:
+    """UIDs taken from a URL path: each must be a valid UID, or the request is a 400."""
+    for keyword, uid in uids.items():
+        if not valid_uid(uid):
+            raise HTTPException(400, f"{keyword} in the path is not a valid UID")
+    return uids
+
+
 def _refuse(services: Services, request: Request, status: int, reason: str, actor: str) -> None:
     source = request.client.host if request.client else ""
     record(
@@ -88,7 +120,7 @@ def requires(scope: str) -> Callable:
         header = request.headers.get("authorization", "")
         if not header:
             if services.open_access:
-                return Caller(OPEN_INSTITUTION, "open", frozenset(SCOPES), source)
+                return Caller(DEFAULT_INSTITUTION, "open", frozenset(SCOPES), source)
             await run_in_threadpool(
                 _refuse, services, request, 401, "an API key is required", "anonymous"
             )

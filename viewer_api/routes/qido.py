@@ -11,8 +11,6 @@ from fastapi.responses import JSONResponse
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from storage import audit
-from storage.audit import AuditEntry
-from storage.header import valid_uid
 from storage.query import (
     ATTRIBUTES,
     COMPUTED,
@@ -23,7 +21,7 @@ from storage.query import (
     search,
 )
 from storage.registry import Caller
-from viewer_api.deps import ReadCaller, Services, ServicesDep, record
+from viewer_api.deps import ReadCaller, Services, ServicesDep, path_uids, record_for
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 
@@ -115,29 +113,25 @@ def _query(request: Request, level: QueryLevel, fixed: dict[str, str]) -> Query:
         if fuzzy and keyword in ATTRIBUTES and ATTRIBUTES[keyword].kind is Kind.NAME:
             value = f"*{value.strip('*')}*" if value else value
         keys[keyword] = value
-    for keyword, uid in fixed.items():
-        if not valid_uid(uid):
-            raise HTTPException(400, f"{keyword} in the path is not a valid UID")
-        keys[keyword] = uid
+    keys.update(path_uids(fixed))
     limit = _number(request, "limit", None)
     if limit is not None:
         limit = min(limit, LARGEST_PAGE)
     return Query(level, keys, limit=limit, offset=_number(request, "offset", 0) or 0)
 
 
-def _element(keyword: str, value: object) -> tuple[str, dict]:
-    tag = f"{tag_for_keyword(keyword):08X}"
-    vr = dictionary_VR(keyword)
+def _element(vr: str, value: object) -> dict:
+    """One attribute's DICOM JSON (PS3.18 F.2.2)."""
     if value in (None, "", []):
-        return tag, {"vr": vr}
+        return {"vr": vr}
     values = value if isinstance(value, list) else [value]
     if vr == "PN":
-        return tag, {"vr": vr, "Value": [{"Alphabetic": str(v)} for v in values]}
+        return {"vr": vr, "Value": [{"Alphabetic": str(v)} for v in values]}
     if isinstance(values[0], date):
-        return tag, {"vr": vr, "Value": [v.strftime("%Y%m%d") for v in values]}
+        return {"vr": vr, "Value": [v.strftime("%Y%m%d") for v in values]}
     if vr in ("IS", "US", "UL", "SL", "SS"):
-        return tag, {"vr": vr, "Value": [int(v) for v in values]}
-    return tag, {"vr": vr, "Value": [str(v) for v in values]}
+        return {"vr": vr, "Value": [int(v) for v in values]}
+    return {"vr": vr, "Value": [str(v) for v in values]}
 
 
 def _answer(services: Services, caller: Caller, request: Request, query: Query) -> JSONResponse:
@@ -145,19 +139,20 @@ def _answer(services: Services, caller: Caller, request: Request, query: Query) 
         matches = search(services.index, query, services.viewer(caller))
     except InvalidQuery as exc:
         raise HTTPException(400, str(exc)) from exc
-    wanted = [k for k in query.keys if k in ATTRIBUTES or k in COMPUTED]
-    body = [dict(sorted(_element(k, m.get(k)) for k in wanted)) for m in matches]
-    record(
+    # Tag and VR looked up once per key, not per match; keys in tag order, as F.2 wants.
+    wanted = sorted(
+        (f"{tag_for_keyword(k):08X}", dictionary_VR(k), k)
+        for k in query.keys
+        if k in ATTRIBUTES or k in COMPUTED
+    )
+    body = [{tag: _element(vr, m.get(k)) for tag, vr, k in wanted} for m in matches]
+    record_for(
         services,
-        AuditEntry(
-            actor=caller.actor,
-            institution=caller.institution,
-            action="query",
-            outcome=audit.OK,
-            resource=f"QIDO {request.url.path} {request.url.query}"[:200],
-            source=caller.source,
-            instances=len(matches),
-        ),
+        caller,
+        "query",
+        audit.OK,
+        resource=f"QIDO {request.url.path} {request.url.query}",
+        instances=len(matches),
     )
     return JSONResponse(body, media_type=JSON)
 

@@ -10,9 +10,7 @@ when some were, 409 when none was (503 when none could be, for want of resources
 
 from __future__ import annotations
 
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
@@ -23,12 +21,11 @@ from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
 from storage import audit
-from storage.audit import AuditEntry
-from storage.header import valid_uid
 from storage.index import Origin
 from storage.ingest import InstanceToStore, StoreOutcome, StoreResult
 from storage.registry import Caller
-from viewer_api.deps import IngestCaller, Services, ServicesDep, record
+from storage.spool import IncomingFile
+from viewer_api.deps import IngestCaller, Services, ServicesDep, path_uids, record_for
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 
@@ -36,35 +33,14 @@ DICOM = b"application/dicom"
 PROCESSING_FAILURE = 0x0110
 
 
-@dataclass
-class _Part:
-    """One body part being received: its headers and the file its bytes go to."""
+class _Part(IncomingFile):
+    """One body part being received: its headers, and the file its bytes go to."""
 
-    directory: Path
-    headers: dict[str, str] = field(default_factory=dict)
-    path: Path | None = None
-    fd: int = -1
-    name: bytes = b""
-    value: bytes = b""
-
-    def open(self) -> None:
-        self.fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.directory)
-        self.path = Path(name)
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def discard(self) -> None:
-        self.close()
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.headers: dict[str, str] = {}
+        self.name = b""
+        self.value = b""
 
 
 @dataclass(frozen=True)
@@ -90,7 +66,6 @@ def _uids_of(path: Path) -> tuple[str, str]:
 def _store(services: Services, caller: Caller, part: _Part, study: str | None) -> _Outcome:
     """One finished part through the ingest spool, as a C-STORE data set goes."""
     content_type, _ = parse_options_header(part.headers.get("content-type", "application/dicom"))
-    assert part.path is not None
     if content_type != DICOM:
         return _Outcome(
             *_uids_of(part.path),
@@ -175,8 +150,7 @@ async def store_study_instances(
     caller: IngestCaller,
 ) -> JSONResponse:
     """Instances of another study are refused (0xA900) and listed as failed."""
-    if not valid_uid(study):
-        raise HTTPException(400, "StudyInstanceUID in the path is not a valid UID")
+    path_uids({"StudyInstanceUID": study})
     return await _stow(request, services, caller, study)
 
 
@@ -199,9 +173,7 @@ async def _stow(
     current: list[_Part] = []
 
     def begin() -> None:
-        part = _Part(directory)
-        part.open()
-        current.append(part)
+        current.append(_Part(directory))
 
     def header_field(data: bytes, start: int, end: int) -> None:
         current[-1].name += data[start:end]
@@ -255,22 +227,15 @@ async def _stow(
     if not outcomes:
         raise HTTPException(400, "the body holds no part")
     stored = sum(1 for o in outcomes if o.stored)
+    result = audit.OK if stored == len(outcomes) else audit.PARTIAL if stored else audit.FAILED
     await run_in_threadpool(
-        record,
+        record_for,
         services,
-        AuditEntry(
-            actor=caller.actor,
-            institution=caller.institution,
-            action="store",
-            outcome=audit.OK
-            if stored == len(outcomes)
-            else audit.PARTIAL
-            if stored
-            else audit.FAILED,
-            resource="STOW-RS",
-            source=caller.source,
-            instances=stored,
-            detail=f"{stored} of {len(outcomes)} parts stored",
-        ),
+        caller,
+        "store",
+        result,
+        resource="STOW-RS",
+        instances=stored,
+        detail=f"{stored} of {len(outcomes)} parts stored",
     )
     return _answer(request, outcomes)

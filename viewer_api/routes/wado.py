@@ -19,14 +19,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from storage import audit
-from storage.audit import AuditEntry
 from storage.frames import FrameNotFound, read_frames
-from storage.header import valid_uid
 from storage.metadata import series_metadata
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 from storage.query import Located, Query, QueryLevel, locate
 from storage.registry import Caller
-from viewer_api.deps import ReadCaller, Services, ServicesDep, record
+from viewer_api.deps import ReadCaller, Services, ServicesDep, path_uids, record_for
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 
@@ -36,9 +34,7 @@ _IDENTIFIER_PARAMETERS = ("PatientID", "IssuerOfPatientID")
 def _located(
     services: Services, caller: Caller, request: Request, uids: dict[str, str]
 ) -> list[Located]:
-    for keyword, uid in uids.items():
-        if not valid_uid(uid):
-            raise HTTPException(400, f"{keyword} in the path is not a valid UID")
+    path_uids(uids)
     keys = dict(uids)
     for name in _IDENTIFIER_PARAMETERS:
         if name in request.query_params:
@@ -51,18 +47,13 @@ def _located(
         else QueryLevel.STUDY
     )
     found = locate(services.index, Query(level, keys), services.viewer(caller))
-    outcome = audit.OK if found else audit.FAILED
-    record(
+    record_for(
         services,
-        AuditEntry(
-            actor=caller.actor,
-            institution=caller.institution,
-            action="retrieve",
-            outcome=outcome,
-            resource=f"WADO {request.url.path}"[:200],
-            source=caller.source,
-            instances=len(found),
-        ),
+        caller,
+        "retrieve",
+        audit.OK if found else audit.FAILED,
+        resource=f"WADO {request.url.path}",
+        instances=len(found),
     )
     if not found:
         raise HTTPException(404, f"no such {level.name.lower()} visible to this key")
@@ -100,10 +91,12 @@ def _metadata(
 ) -> list[dict]:
     """From each series' cache; for one instance, its series' cache filtered to it."""
     if "SOPInstanceUID" in uids:
-        wanted = {uids["SOPInstanceUID"]}
-        _located(services, caller, request, uids)  # 404 unless visible, and audited
+        # One instance: its series, found and audited once, filtered to it.
+        wanted = {path_uids(uids)["SOPInstanceUID"]}
         series_uids = {k: v for k, v in uids.items() if k != "SOPInstanceUID"}
         located = _located(services, caller, request, series_uids)
+        if not any(item.sop_instance_uid in wanted for item in located):
+            raise HTTPException(404, "no such image visible to this key")
     else:
         located = _located(services, caller, request, uids)
         wanted = {item.sop_instance_uid for item in located}
