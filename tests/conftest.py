@@ -233,6 +233,15 @@ def bucket_of(archive: RunningArchive, s3_server: EmbeddedS3) -> ObjectStore:
     )
 
 
+def spool_files_holding(data_dir: Path, needle: bytes) -> list[Path]:
+    """Files under the archive's spool whose bytes contain `needle` (a UID, say)."""
+    return [
+        path
+        for path in (data_dir / "spool").rglob("*")
+        if path.is_file() and needle in path.read_bytes()
+    ]
+
+
 def dcmtk_env() -> dict[str, str]:
     """DCMTK leaves Nagle on unless told: without this, ~40 ms per DIMSE response."""
     return {**os.environ, "TCP_NODELAY": "1"}

@@ -92,6 +92,8 @@ def test_kill_9_mid_push_loses_no_acknowledged_instance(
     spool = data_dir / "spool"
     assert not list((spool / "ready").iterdir()), "acknowledged instances left in the spool"
     assert not list((spool / "incoming").iterdir()), "partial receptions left behind"
+    partial = [p for p in (spool / "files").iterdir() if p.stat().st_size]
+    assert not partial, "partial receptions left behind"
     assert not list((spool / "rejected").iterdir())
 
     check = subprocess.run(

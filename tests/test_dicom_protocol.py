@@ -23,7 +23,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 
-from tests.conftest import RunningArchive
+from tests.conftest import RunningArchive, spool_files_holding
 from tests.test_cstore import (
     Snapshot,
     assert_stored_unchanged,
@@ -143,7 +143,7 @@ def test_a_sender_vanishing_mid_data_set_leaves_nothing_behind(
 ) -> None:
     archive = shared_archive
     path = write(small_ct(seed="vanishing"), tmp_path / "vanishing.dcm")
-    incoming = archive.data_dir / "spool" / "incoming"
+    uid = str(dcmread(path).SOPInstanceUID).encode()
     before = Snapshot(archive, s3_server)
     for calling_ae, goodbye in (("VANISH", "close"), ("ABORTS", "abort")):
         with associated(archive, CT_CONTEXT, calling_ae=calling_ae) as assoc:
@@ -154,7 +154,7 @@ def test_a_sender_vanishing_mid_data_set_leaves_nothing_behind(
             raw.sendall(b"".join(pdus[: len(pdus) // 2]))
             # The partial data set is on the archive's disk now, not yet answered.
             deadline = time.monotonic() + 10
-            while not any(incoming.iterdir()):
+            while not spool_files_holding(archive.data_dir, uid):
                 assert time.monotonic() < deadline, "no data set being received"
                 time.sleep(0.02)
             if goodbye == "abort":
@@ -164,7 +164,7 @@ def test_a_sender_vanishing_mid_data_set_leaves_nothing_behind(
         line = wait_for_log(archive, rf"association from '{calling_ae}'[^\n]*").group(0)
         assert "nothing stored" in line, line
 
-    assert not any(incoming.iterdir()), "a partial data set was left on disk"
+    assert not spool_files_holding(archive.data_dir, uid), "a partial data set was left on disk"
     assert before.added() == ({}, {})
     # The same instance, sent whole, is stored.
     with associated(archive, CT_CONTEXT) as assoc:

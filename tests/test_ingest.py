@@ -22,8 +22,8 @@ from storage.index import Index, Origin
 from storage.ingest import IngestPipeline, InstanceToStore, StoreOutcome
 from storage.models import Instance
 from storage.objects import ObjectStore
-from storage.spool import Spool, SpoolBusy, _encode_origin
-from tests.conftest import POSTGRES_ADMIN, PostgresDatabase, free_port
+from storage.spool import IncomingFile, Spool, SpoolBusy, _encode_origin
+from tests.conftest import POSTGRES_ADMIN, PostgresDatabase, free_port, spool_files_holding
 from tests.dicom_factory import COMPRESSED_SAMPLES, compressed_samples, ct_series
 
 ORIGIN = Origin(institution="north", calling_ae="CT1", route="import")
@@ -497,6 +497,58 @@ def test_spool_drain_waits_for_a_pause_in_sending_but_no_longer_than_its_bound(
         assert 1.9 <= drained_at < 3.9, drained_at
         assert spool.wait_idle(timeout=30)
         assert all(pipeline.index.find(uid) is not None for uid in uids)
+    finally:
+        spool.close()
+
+
+def _receive(spool: Spool, source: Path) -> IncomingFile:
+    """What the C-STORE and STOW-RS routes do: write a data set into a spool file."""
+    incoming = IncomingFile(spool.files)
+    incoming.write(source.read_bytes())
+    incoming.close()
+    return incoming
+
+
+def test_spool_files_are_reused_and_never_overwritten_while_waiting(
+    pipeline: IngestPipeline, tmp_path: Path
+) -> None:
+    """A drained file receives the next data set; one still waiting for the bucket is never
+    handed out, and a refused data set leaves nothing of itself behind."""
+    spool = Spool(tmp_path / "spool", pipeline, workers=1, spare_files=0)
+    first, second = (
+        ct_series(tmp_path / "a", count=2),
+        ct_series(tmp_path / "b", count=2, seed="again"),
+    )
+    try:
+        waiting = [_receive(spool, path) for path in first]
+        for incoming in waiting:
+            assert spool.accept(item(incoming.path)).outcome is StoreOutcome.STORED
+            incoming.discard()
+        # Not drained yet: the next data sets go to other files, and the waiting ones keep
+        # their bytes.
+        refused = IncomingFile(spool.files)
+        refused.write(b"REFUSED-PART" * 100)
+        refused.close()
+        assert spool.accept(item(refused.path)).outcome is StoreOutcome.CANNOT_UNDERSTAND
+        refused.discard()
+        assert refused.path not in {incoming.path for incoming in waiting}
+        assert not spool_files_holding(tmp_path, b"REFUSED-PART")
+        for incoming, path in zip(waiting, first, strict=True):
+            assert incoming.path.read_bytes() == path.read_bytes()
+        spool.start()
+        assert spool.wait_idle(timeout=30)
+        files_before = {path.name for path in spool.files.directory.iterdir()}
+        again = [_receive(spool, path) for path in second]
+        assert {incoming.path.name for incoming in again} <= files_before
+        for incoming in again:
+            assert spool.accept(item(incoming.path)).outcome is StoreOutcome.STORED
+            incoming.discard()
+        assert spool.wait_idle(timeout=30)
+        for path in first + second:
+            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            row = pipeline.index.find(uid)
+            assert row is not None
+            assert pipeline.objects.get(row.object_key) == path.read_bytes()
     finally:
         spool.close()
 

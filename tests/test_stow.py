@@ -12,6 +12,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
 from pocketpacs.cli import main
+from tests.conftest import spool_files_holding
 from tests.test_cstore import small_ct, wait_drained, write
 
 BOUNDARY = "pocketpacs-test-boundary"
@@ -95,7 +96,7 @@ def test_good_parts_stored_and_a_bad_one_refused_alone(region, keys, tmp_path: P
     )
     [back] = client.retrieve_study(study)[:1]
     assert str(back.SOPInstanceUID) in {str(dcmread(p).SOPInstanceUID) for p in good}
-    assert not any((archive.data_dir / "spool" / "incoming").iterdir())
+    assert not spool_files_holding(archive.data_dir, b"not dicom"), "a refused part left on disk"
 
 
 def test_refusals(region, keys, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from storage import audit
 from storage.index import Origin
 from storage.ingest import InstanceToStore, StoreOutcome, StoreResult
 from storage.registry import Caller
-from storage.spool import IncomingFile
+from storage.spool import IncomingFile, SpoolFiles
 from viewer_api.deps import IngestCaller, Services, ServicesDep, path_uids, record_for
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
@@ -36,8 +36,8 @@ PROCESSING_FAILURE = 0x0110
 class _Part(IncomingFile):
     """One body part being received: its headers, and the file its bytes go to."""
 
-    def __init__(self, directory: Path) -> None:
-        super().__init__(directory)
+    def __init__(self, files: SpoolFiles) -> None:
+        super().__init__(files)
         self.headers: dict[str, str] = {}
         self.name = b""
         self.value = b""
@@ -168,12 +168,12 @@ async def _stow(
         raise HTTPException(415, f"type={part_type.decode(errors='replace')!r} is not stored")
     if services.spool is None:
         raise HTTPException(503, "this server does not ingest")
-    directory = services.spool.incoming
+    files = services.spool.files
     finished: list[_Part] = []
     current: list[_Part] = []
 
     def begin() -> None:
-        current.append(_Part(directory))
+        current.append(_Part(files))
 
     def header_field(data: bytes, start: int, end: int) -> None:
         current[-1].name += data[start:end]
