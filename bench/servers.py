@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.spool import SPARE_FILES
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -338,6 +340,17 @@ class Pocketpacs(Server):
 
     def healthz(self) -> tuple[int, dict]:
         return http_get_json(f"http://127.0.0.1:{self.http_port}/healthz")
+
+    def is_ready(self) -> bool:
+        """Ready, and done with first-start preparation: the spool's spare files exist (an
+        archive that has run for a while has them; see storage.spool.SpoolFiles)."""
+        if not super().is_ready():
+            return False
+        try:
+            _, body = self.healthz()
+        except (OSError, ValueError):
+            return False
+        return body.get("ingest_spool", {}).get("free_files", 0) >= SPARE_FILES
 
     def wait_durable(self, timeout: float = 1800.0, interval: float = 0.1) -> tuple[float, dict]:
         """Poll /healthz until ingest_spool.pending == 0; returns the moment and last body."""

@@ -386,7 +386,8 @@ def test_bucket_outage_while_serving(
         admin.make_bucket(archive.bucket)
 
     wait_for(lambda: healthz(archive).status_code == 200, 30, "healthz to recover")
-    assert healthz(archive).json()["ingest_spool"] == {"ok": True, "pending": 0}
+    spool = healthz(archive).json()["ingest_spool"]
+    assert (spool["ok"], spool["pending"]) == (True, 0)
     row = wait_for(lambda: sqlite_row(archive.data_dir, first.SOPInstanceUID), 30, "the row")
     assert bucket_of(archive, s3_server).stat(row[0]).size == row[1]
     assert c_store(archive, second).Status == 0x0000

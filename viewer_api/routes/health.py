@@ -27,7 +27,11 @@ def _probe(services: Services) -> dict:
         report["index"] = {"ok": False, "error": str(exc)}
     if services.spool is not None:
         failure = services.spool.failure
-        report["ingest_spool"] = {"ok": failure is None, "pending": services.spool.pending}
+        report["ingest_spool"] = {
+            "ok": failure is None,
+            "pending": services.spool.pending,
+            "free_files": services.spool.files.free,
+        }
         if failure:
             report["ingest_spool"]["error"] = failure
     return report
