@@ -5,7 +5,7 @@ Why not pydicom datasets: building, validating and encoding a `Dataset` for each
 answer and file meta took about 40% of the receiving thread's CPU (py-spy). These are
 fixed, tiny structures: a command set is group 0000 in Implicit VR Little Endian (PS3.7
 6.3.1, E.1); the File Meta Information is group 0002 in Explicit VR Little Endian (PS3.10
-7.1). Data sets themselves are never parsed here.
+7.1). Data sets themselves are never parsed here (a C-FIND identifier goes to pydicom).
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
-# Command Data Set Type: no data set follows.
+C_FIND_RQ = 0x0020
+C_FIND_RSP = 0x8020
+C_CANCEL_RQ = 0x0FFF
+# Command Data Set Type: no data set follows; any other value says one does.
 NO_DATA_SET = 0x0101
+DATA_SET = 0x0001
 
 _ELEMENT_HEADER = struct.Struct("<HHL")
 _US = struct.Struct("<H")
@@ -34,7 +38,7 @@ class Command:
     """A received request command set: only what the acceptor acts on."""
 
     command_field: int
-    message_id: int
+    message_id: int  # for a C-CANCEL-RQ, the Message ID Being Responded To
     has_data_set: bool
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
@@ -64,9 +68,10 @@ def decode_command(data: bytes) -> Command:
             raise MalformedCommand(f"(0000,{element:04X}) missing or not US")
         return _US.unpack(value)[0]
 
+    command_field = us(0x0100)
     return Command(
-        command_field=us(0x0100),
-        message_id=us(0x0110),
+        command_field=command_field,
+        message_id=us(0x0120 if command_field == C_CANCEL_RQ else 0x0110),
         has_data_set=us(0x0800) != NO_DATA_SET,
         affected_sop_class_uid=_text(values.get(0x0002, b"")),
         affected_sop_instance_uid=_text(values.get(0x1000, b"")),
@@ -89,12 +94,14 @@ def encode_response(
     status: int,
     sop_instance_uid: str = "",
     error_comment: str = "",
+    has_data_set: bool = False,
 ) -> bytes:
-    """A C-STORE-RSP or C-ECHO-RSP command set (PS3.7 9.3.1.2, 9.3.5.2), elements in tag order."""
+    """A C-STORE-RSP, C-FIND-RSP or C-ECHO-RSP command set (PS3.7 9.3.1.2, 9.1.2.2,
+    9.3.5.2), elements in tag order."""
     body = _implicit(0x0002, _padded(sop_class_uid, b"\x00"))
     body += _implicit(0x0100, _US.pack(command_field))
     body += _implicit(0x0120, _US.pack(message_id))
-    body += _implicit(0x0800, _US.pack(NO_DATA_SET))
+    body += _implicit(0x0800, _US.pack(DATA_SET if has_data_set else NO_DATA_SET))
     body += _implicit(0x0900, _US.pack(status))
     if error_comment:
         body += _implicit(0x0902, _padded(error_comment, b" "))

@@ -3,21 +3,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
-from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from pacs.statuses import ERROR_COMMENT_LENGTH
 from storage import audit
 from storage.query import ATTRIBUTES, COMPUTED, InvalidQuery, Query, QueryLevel, search
 
 if TYPE_CHECKING:
-    from pacs.handlers import DicomContext
+    from pacs.handlers import AssociationTally, DicomContext
 
+FIND_MODELS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 # PS3.4 C.4.1.1.4: statuses of a C-FIND response.
 PENDING = 0xFF00
 CANCELLED = 0xFE00
@@ -95,12 +102,17 @@ def failure(reason: str) -> Dataset:
     return answer
 
 
-def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Dataset | None]]:
-    """EVT_C_FIND: every match visible to the caller's institution; C-CANCEL stops it."""
-    tally = context.tally(event.assoc)
-    identifier = event.identifier
+def find(
+    context: DicomContext,
+    tally: AssociationTally,
+    identifier: Dataset,
+    sop_class_uid: str,
+    cancelled: Callable[[], bool],
+) -> Iterator[tuple[int, Dataset | None]]:
+    """Every match visible to the caller's institution, as (status, identifier) responses,
+    whichever acceptor serves the association; `cancelled` reports a C-CANCEL."""
     try:
-        query = query_of(identifier, str(event.request.AffectedSOPClassUID))
+        query = query_of(identifier, sop_class_uid)
         matches = search(context.index, query, context.viewer(tally))
     except InvalidQuery as exc:
         context.record(tally, "query", audit.FAILED, detail=str(exc))
@@ -115,7 +127,18 @@ def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Data
         instances=len(matches),
     )
     for match in matches:
-        if event.is_cancelled:
+        if cancelled():
             yield CANCELLED, None
             return
         yield PENDING, response_of(match, identifier, context.ae_title)
+
+
+def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Dataset | None]]:
+    """EVT_C_FIND, for associations pynetdicom serves."""
+    yield from find(
+        context,
+        context.tally(event.assoc),
+        event.identifier,
+        str(event.request.AffectedSOPClassUID),
+        lambda: event.is_cancelled,
+    )

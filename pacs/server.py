@@ -15,16 +15,15 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
-    PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs.find import FIND_MODELS
 from pacs.handlers import DicomContext, Identify, bindings
 from pacs.storage_acceptor import StorageAcceptor
 from storage.audit import AuditLog
@@ -35,9 +34,7 @@ from storage.spool import Spool
 log = logging.getLogger("pocketpacs.dicom")
 
 MAXIMUM_ASSOCIATIONS = 64
-QUERY_MODELS = (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
+RETRIEVE_MODELS = (
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
     PatientRootQueryRetrieveInformationModelGet,
@@ -172,7 +169,7 @@ class DicomServer:
         ae.require_called_aet = True
         syntaxes = transfer_syntax_preference()
         ae.add_supported_context(Verification, syntaxes)
-        for model in QUERY_MODELS:
+        for model in FIND_MODELS + RETRIEVE_MODELS:
             ae.add_supported_context(model, _NATIVE)
         for sop_class in _STORAGE_CLASSES.values():
             # Both roles: a C-GET requestor asks to act as the storage SCP (PS3.7 D.3.3.4).
@@ -190,10 +187,11 @@ class DicomServer:
         _config.LOG_HANDLER_LEVEL = "none"
         tempfile.tempdir = str(self.context.spool.incoming)
         ae = self._application_entity()
-        # The lean acceptor takes associations that propose storage and verification only.
+        # The lean acceptor takes associations that propose storage, verification and
+        # C-FIND only; retrieval goes to pynetdicom.
         acceptor = StorageAcceptor(
             self.ae_title,
-            [cx for cx in ae.supported_contexts if cx.abstract_syntax not in QUERY_MODELS],
+            [cx for cx in ae.supported_contexts if cx.abstract_syntax not in RETRIEVE_MODELS],
             UNLIMITED_PDU_SIZE,
             MAXIMUM_ASSOCIATIONS,
             self.context,

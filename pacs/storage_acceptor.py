@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterable
+from io import BytesIO
 
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -41,9 +44,11 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from pacs import commands
+from pacs import commands, find
 from pacs.handlers import AssociationTally, DicomContext
-from pacs.statuses import VerificationStatus
+from pacs.statuses import ERROR_COMMENT_LENGTH, VerificationStatus
+from storage import audit
+from storage.query import InvalidQuery
 from storage.spool import IncomingFile
 
 log = logging.getLogger("pocketpacs.dicom")
@@ -71,6 +76,8 @@ LARGEST_REQUEST = 1024 * 1024
 # A command set is a handful of elements; a bigger one is a broken or hostile peer.
 LARGEST_COMMAND = 64 * 1024
 RECEIVE_BUFFER = 256 * 1024
+# C-FIND responses are sent in batches of about this many bytes.
+SEND_BATCH = 64 * 1024
 # At most this many chunks per writev (the kernel takes up to IOV_MAX, 1024 on Linux).
 WRITE_BATCH = 512
 # Seconds of silence after which an association is aborted (pynetdicom's default too).
@@ -293,7 +300,9 @@ class _Session:
         self.receiver.before_refill = self._write_received
         self.received: list[memoryview] = []
         self.command = bytearray()
-        self.store: _IncomingDataSet | None = None
+        self.store: _IncomingDataSet | _IncomingIdentifier | None = None
+        self.finding = False  # answering a C-FIND: only a C-CANCEL may come in
+        self.cancelled: set[int] = set()  # Message IDs a C-CANCEL-RQ named
 
     def run(self) -> None:
         try:
@@ -357,7 +366,13 @@ class _Session:
             raise ProtocolError(f"undecodable command set: {exc}") from exc
         finally:
             self.command.clear()
-        if command.command_field == commands.C_ECHO_RQ and not command.has_data_set:
+        if self.finding and command.command_field != commands.C_CANCEL_RQ:
+            raise ProtocolError("a request arrived while a C-FIND was being answered")
+        abstract_syntax = self.contexts[context_id].abstract_syntax
+        transfer_syntax = self.contexts[context_id].transfer_syntax[0]
+        if command.command_field == commands.C_CANCEL_RQ:
+            self.cancelled.add(command.message_id)  # PS3.7 9.3.2.3: ignored if none is running
+        elif command.command_field == commands.C_ECHO_RQ and not command.has_data_set:
             answer = commands.encode_response(
                 commands.C_ECHO_RSP,
                 command.message_id,
@@ -366,9 +381,13 @@ class _Session:
             )
             self._answer(context_id, answer)
         elif command.command_field == commands.C_STORE_RQ and command.has_data_set:
-            self.store = _IncomingDataSet(
-                command, context_id, self.contexts[context_id].transfer_syntax[0], self.acceptor
-            )
+            self.store = _IncomingDataSet(command, context_id, transfer_syntax, self.acceptor)
+        elif (
+            command.command_field == commands.C_FIND_RQ
+            and command.has_data_set
+            and abstract_syntax in find.FIND_MODELS
+        ):
+            self.store = _IncomingIdentifier(command, context_id, transfer_syntax)
         else:
             raise ProtocolError(f"DIMSE command 0x{command.command_field:04X} is not served here")
 
@@ -385,7 +404,10 @@ class _Session:
         if last:
             self._write_received()
             self.store = None
-            self._finish(store)
+            if isinstance(store, _IncomingIdentifier):
+                self._find(store)
+            else:
+                self._finish(store)
 
     def _write_received(self) -> None:
         """Write what the buffer holds of the data set being received, in one call."""
@@ -419,18 +441,115 @@ class _Session:
         )
         self._answer(store.context_id, answer)
 
-    def _answer(self, context_id: int, command: bytes) -> None:
-        """Send a command set as P-DATA-TF PDUs no larger than the peer accepts."""
-        largest = self.peer_maximum_pdu - PDV_HEADER.size if self.peer_maximum_pdu else 0
-        if largest <= 0:
-            largest = len(command)
+    def _find(self, request: _IncomingIdentifier) -> None:
+        """Answer a C-FIND-RQ (PS3.7 9.1.2): pending responses, polling for a C-CANCEL
+        between them, then the final status. Responses go out in batches of about 64 KiB."""
+        command = request.command
+        syntax = UID(request.transfer_syntax)
+        encoding = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        context_id = request.context_id
+        sop_class = command.affected_sop_class_uid
+        context = self.acceptor.context
+        status, comment = find.SUCCESS, ""
         out = bytearray()
-        for start in range(0, len(command), largest):
-            fragment = command[start : start + largest]
-            control = 0x03 if start + largest >= len(command) else 0x01
-            out += PDU_HEADER.pack(P_DATA_TF_TYPE, PDV_HEADER.size + len(fragment))
-            out += PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
+        self.cancelled.clear()
+        self.finding = True
+        try:
+            try:
+                identifier = decode(BytesIO(bytes(request.data)), *encoding)
+            except Exception as exc:
+                raise InvalidQuery(f"the identifier cannot be decoded: {exc}") from exc
+            responses = find.find(
+                context,
+                self.tally,
+                identifier,
+                sop_class,
+                lambda: self._cancel_requested(command.message_id),
+            )
+            for status, answer in responses:
+                if status != find.PENDING:
+                    comment = str(answer.get("ErrorComment", "")) if answer is not None else ""
+                    break
+                data = encode(answer, *encoding)
+                if data is None:
+                    raise ValueError("a response identifier cannot be encoded")
+                pending = commands.encode_response(
+                    commands.C_FIND_RSP, command.message_id, sop_class, status, has_data_set=True
+                )
+                out += self._pdus(context_id, pending, data)
+                if len(out) >= SEND_BATCH:
+                    self.sock.sendall(out)
+                    out.clear()
+            else:
+                status = find.SUCCESS
+        except (ProtocolError, OSError):
+            raise
+        except InvalidQuery as exc:
+            context.record(self.tally, "query", audit.FAILED, detail=str(exc))
+            status, comment = find.UNABLE_TO_PROCESS, str(exc)
+        except Exception:
+            log.exception("C-FIND from %s failed", self.tally.calling_ae)
+            status, comment = find.UNABLE_TO_PROCESS, "internal error, see the archive's log"
+        finally:
+            self.finding = False
+        final = commands.encode_response(
+            commands.C_FIND_RSP,
+            command.message_id,
+            sop_class,
+            status,
+            error_comment=comment[:ERROR_COMMENT_LENGTH],
+        )
+        out += self._pdus(context_id, final)
         self.sock.sendall(out)
+
+    def _cancel_requested(self, message_id: int) -> bool:
+        """Read what the peer sent meanwhile (a C-CANCEL-RQ, if anything) without waiting."""
+        while self.receiver.available or select.select([self.sock], [], [], 0)[0]:
+            pdu_type, length = PDU_HEADER.unpack(self.receiver.read(PDU_HEADER.size))
+            if pdu_type == A_ABORT_TYPE:
+                raise ConnectionError("the peer aborted during a C-FIND")
+            if pdu_type != P_DATA_TF_TYPE:
+                raise ProtocolError(f"PDU type 0x{pdu_type:02X} while a C-FIND was answered")
+            self._p_data(length)
+        return message_id in self.cancelled
+
+    def _pdus(self, context_id: int, command: bytes, data: bytes = b"") -> bytes:
+        """A command set, and its data set if any, as P-DATA-TF PDUs no larger than the peer
+        accepts (PS3.8 9.3.5)."""
+        largest = self.peer_maximum_pdu - PDV_HEADER.size if self.peer_maximum_pdu else 0
+        out = bytearray()
+        for value, is_command in ((command, True), (data, False)):
+            step = largest if largest > 0 else max(len(value), 1)
+            for start in range(0, len(value), step):
+                fragment = value[start : start + step]
+                control = (0x01 if is_command else 0x00) | (
+                    0x02 if start + step >= len(value) else 0x00
+                )
+                out += PDU_HEADER.pack(P_DATA_TF_TYPE, PDV_HEADER.size + len(fragment))
+                out += PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
+        return bytes(out)
+
+    def _answer(self, context_id: int, command: bytes) -> None:
+        self.sock.sendall(self._pdus(context_id, command))
+
+
+class _IncomingIdentifier:
+    """A C-FIND request's identifier, kept in memory: a few hundred bytes, and bounded."""
+
+    def __init__(self, command: commands.Command, context_id: int, transfer_syntax: str) -> None:
+        self.command = command
+        self.context_id = context_id
+        self.transfer_syntax = transfer_syntax
+        self.data = bytearray()
+
+    def write_many(self, chunks: list[memoryview]) -> None:
+        for chunk in chunks:
+            self.data += chunk
+        if len(self.data) > LARGEST_COMMAND:
+            raise ProtocolError("C-FIND identifier too large")
+
+    def discard(self) -> None:
+        self.data.clear()
 
 
 class _IncomingDataSet(IncomingFile):

@@ -6,14 +6,20 @@ from __future__ import annotations
 import re
 import sqlite3
 import subprocess
+import uuid
+from dataclasses import replace
 
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from storage.header import InstanceHeader
+from storage.index import Index, IndexEntry, Origin
+from storage.registry import DEFAULT_INSTITUTION
 from tests.conftest import REGION, RunningArchive, dcmtk_env
 
 
@@ -157,3 +163,79 @@ def test_patient_root_levels_with_pynetdicom_and_bad_levels(region) -> None:
         ("NORTHCT", "north", "failed", 0),
         ("NORTHCT", "north", "failed", 0),
     ]
+
+
+def _index_a_large_series(archive: RunningArchive, count: int) -> tuple[str, str]:
+    """`count` instances of one series written straight into the archive's index (C-FIND
+    reads nothing else), sent by the institution `--open` callers belong to."""
+    study, series = f"2.25.{uuid.uuid4().int}", f"2.25.{uuid.uuid4().int}"
+    template = InstanceHeader(
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid="",
+        study_instance_uid=study,
+        series_instance_uid=series,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        patient_id="MANY",
+        issuer_of_patient_id="",
+        patient_name="Many^Slices",
+        patient_birth_date=None,
+        patient_sex="O",
+        study_date=None,
+        study_time="",
+        accession_number="",
+        study_id="",
+        study_description="",
+        referring_physician_name="",
+        institution_name="",
+        modality="CT",
+        series_number=1,
+        series_description="",
+        body_part_examined="",
+        series_date=None,
+        series_time="",
+        instance_number=None,
+        number_of_frames=None,
+        rows=512,
+        columns=512,
+        specific_character_set="",
+    )
+    origin = Origin(institution=DEFAULT_INSTITUTION, calling_ae="MODALITY", route="cstore")
+    entries = []
+    for number in range(1, count + 1):
+        uid = f"{series}.{number}"
+        header = replace(template, sop_instance_uid=uid, instance_number=number)
+        entries.append(IndexEntry(header, origin, 1, "0" * 64, f"unused/{uid}"))
+    index = Index(f"sqlite:///{archive.data_dir / 'index.sqlite3'}")
+    try:
+        for start in range(0, count, 500):
+            index.record_many(entries[start : start + 500])
+    finally:
+        index.dispose()
+    return study, series
+
+
+def test_c_cancel_stops_the_responses(archive: RunningArchive) -> None:
+    """A peer that cancels after a few responses gets the Cancel status at once, not the
+    thousands of matches that remain (DCMTK findscu --cancel)."""
+    study, series = _index_a_large_series(archive, 20_000)
+    command = ["findscu", "-v", "-S", "-aet", "ANYONE", "-aec", archive.ae_title, "--cancel", "3"]
+    for key in ("QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}"):
+        command += ["-k", key]
+    command += ["-k", f"SeriesInstanceUID={series}", "-k", "SOPInstanceUID"]
+    command += ["-k", "InstanceNumber", "127.0.0.1", str(archive.dicom_port)]
+    result = subprocess.run(command, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    pending = len(re.findall(r"Find Response: \d+ \(Pending\)", output))
+    assert 3 <= pending < 1_000, output[-2000:]
+    assert "Received Final Find Response (Cancel" in output, output[-2000:]
+    # The archive carries on, and the series is whole.
+    images = findscu(
+        archive,
+        "ANYONE",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={study}",
+        "SeriesInstanceUID",
+        "NumberOfSeriesRelatedInstances",
+    )
+    assert [i["NumberOfSeriesRelatedInstances"] for i in images] == ["20000"]
