@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -33,11 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bigindex
 import httpx
 from corpus import SERIES, Corpus, CorpusFile, SeriesSpec, uid
+from findclient import FindError, LeanFindClient
 from findfloor import FindFloor, request_key
 from ingest import WORK, capture, environment, storescu
 from pydicom.dataset import Dataset
-from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from query_report import report
 from servers import BenchError, Orthanc, Pocketpacs, Server, build_shim, free_port
 
@@ -76,8 +74,6 @@ IMAGE_RETURN_KEYS = (
 # those in a C-FIND response before commit f57292b, and the whole search then failed with
 # 0xC312. `unsigned_keys_check` asks for them once and reports what each server answers.
 CFIND_IMAGE_RETURN_KEYS = tuple(k for k in IMAGE_RETURN_KEYS if k not in ("Rows", "Columns"))
-# C-FIND pending statuses (PS3.4 C.4.1.1.4).
-PENDING = (0xFF00, 0xFF01)
 
 
 def log(message: str) -> None:
@@ -226,40 +222,23 @@ def million_probes(found: dict) -> list[Probe]:
 
 
 class FindClient:
-    """One pynetdicom association per server, kept open for every C-FIND of the run."""
+    """One lean C-FIND association per server (`findclient.py`), kept open for the run."""
 
     def __init__(self, port: int, called_ae: str) -> None:
-        ae = AE(ae_title=CALLING_AE)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-        self.assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
-        if not self.assoc.is_established:
-            raise BenchError(f"C-FIND association to {called_ae}@{port} refused or aborted")
-        raw = self.assoc.dul.socket.socket if self.assoc.dul.socket else None
-        if raw is not None:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.client = LeanFindClient(port, called_ae, CALLING_AE)
+        except (OSError, FindError) as exc:
+            raise BenchError(f"C-FIND association to {called_ae}@{port}: {exc}") from exc
 
     def find(self, identifier: Dataset) -> int:
         """Matches received; raises on any status but pending and success."""
-        matches = 0
-        for status, _ in self.assoc.send_c_find(
-            identifier, StudyRootQueryRetrieveInformationModelFind
-        ):
-            if not status:
-                raise BenchError("C-FIND: no response (association lost or timed out)")
-            code = int(status.Status)
-            if code in PENDING:
-                matches += 1
-            elif code == 0:
-                break
-            else:
-                comment = status.get("ErrorComment", "")
-                raise BenchError(f"C-FIND failed with status 0x{code:04X} {comment}".strip())
-        return matches
+        try:
+            return self.client.find(identifier)
+        except (OSError, FindError) as exc:
+            raise BenchError(f"C-FIND: {exc}") from exc
 
     def close(self) -> None:
-        if self.assoc.is_established:
-            self.assoc.release()
+        self.client.close()
 
 
 @dataclass

@@ -63,8 +63,9 @@ def header(data: dict) -> list[str]:
         f"`serve --open`, embedded SeaweedFS `{env['seaweedfs']}`",
         f"- PostgreSQL {env.get('postgresql', '?')} (Debian, default configuration), "
         "127.0.0.1:5432",
-        "- Client: pynetdicom (one Study Root C-FIND association per server, kept open, "
-        "TCP_NODELAY) and httpx (one keep-alive connection per server), in one Python process",
+        "- Client: `bench/findclient.py`, a lean C-FIND SCU on a plain socket (one Study Root "
+        "association per server, kept open, TCP_NODELAY), and httpx (one keep-alive "
+        "connection per server), in one Python process",
         "",
     ]
 
@@ -168,7 +169,8 @@ def compare_section(data: dict) -> list[str]:
         "Ratio = pocketpacs / Orthanc (below 1: pocketpacs faster). Bare pynetdicom SCP: "
         "`bench/findfloor.py`, a pynetdicom C-FIND SCP with no index that sends the same "
         "number of canned answers carrying the same keys (TCP_NODELAY like pocketpacs): "
-        "the floor under any pynetdicom-based SCP, pocketpacs' included, with this client.",
+        "the floor under any SCP built on pynetdicom's DIMSE service (pocketpacs serves "
+        "C-FIND with its own lean acceptor, `pacs/storage_acceptor.py`).",
         "",
     ]
     out += in_process_table(

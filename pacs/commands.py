@@ -1,16 +1,20 @@
-"""The few DIMSE command sets the lean acceptor reads and writes, and the File Meta
-Information it puts in front of each received data set, encoded directly.
+"""The few DIMSE command sets the lean acceptor reads and writes, the File Meta
+Information it puts in front of each received data set, and C-FIND response
+identifiers, encoded directly.
 
 Why not pydicom datasets: building, validating and encoding a `Dataset` for each command,
 answer and file meta took about 40% of the receiving thread's CPU (py-spy). These are
 fixed, tiny structures: a command set is group 0000 in Implicit VR Little Endian (PS3.7
 6.3.1, E.1); the File Meta Information is group 0002 in Explicit VR Little Endian (PS3.10
-7.1). Data sets themselves are never parsed here (a C-FIND identifier goes to pydicom).
+7.1); a C-FIND response is a flat list of text and US elements from the index, for which
+pydicom's data set and writer took 0.35 ms per response (100 matches: 35 ms). Received
+data sets are never parsed here (a C-FIND request's identifier goes to pydicom).
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 # Command Field values (PS3.7 E.1).
@@ -132,3 +136,56 @@ def encode_file_meta(
     body += _explicit(0x0013, b"SH", _padded(implementation_version_name, b" "))
     group_length = _explicit(0x0000, b"UL", struct.pack("<L", len(body)))
     return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+# PS3.5 7.1.2: VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.
+_LONG_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
+
+
+@dataclass(frozen=True)
+class Element:
+    """One element of a response identifier: text (several values joined by a backslash),
+    an int for US, or None for an empty element."""
+
+    tag: int
+    VR: str
+    value: str | int | None
+
+
+def _value_bytes(element: Element, little_endian: bool, utf8: bool) -> bytes:
+    value = element.value
+    if value is None:
+        return b""
+    if element.VR == "US":
+        return struct.pack("<H" if little_endian else ">H", int(value))
+    raw = str(value).encode("utf-8" if utf8 else "ascii", "replace")
+    if len(raw) % 2:
+        raw += b"\x00" if element.VR == "UI" else b" "
+    return raw
+
+
+def encode_identifier(
+    elements: list[Element], implicit: bool, little_endian: bool, deflated: bool = False
+) -> bytes:
+    """A data set of `elements` (in tag order) in the given transfer syntax (PS3.5 7.1)."""
+    utf8 = any(e.tag == 0x00080005 and e.value == "ISO_IR 192" for e in elements)
+    order = "<" if little_endian else ">"
+    out = bytearray()
+    for element in elements:
+        value = _value_bytes(element, little_endian, utf8)
+        group, number = element.tag >> 16, element.tag & 0xFFFF
+        if implicit:
+            out += struct.pack(order + "HHL", group, number, len(value))
+        elif element.VR in _LONG_VRS:
+            out += struct.pack(order + "HH2sHL", group, number, element.VR.encode(), 0, len(value))
+        else:
+            out += struct.pack(order + "HH2sH", group, number, element.VR.encode(), len(value))
+        out += value
+    if deflated:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        out = bytearray(compressor.compress(bytes(out)) + compressor.flush())
+        if len(out) % 2:
+            out += b"\x00"
+    return bytes(out)

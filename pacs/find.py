@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from datetime import date
 from typing import TYPE_CHECKING
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -14,6 +15,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from pacs.commands import Element
 from pacs.statuses import ERROR_COMMENT_LENGTH
 from storage import audit
 from storage.query import ATTRIBUTES, COMPUTED, InvalidQuery, Query, QueryLevel, search
@@ -33,6 +35,14 @@ IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 UTF8 = "ISO_IR 192"
 _SKIPPED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
+_QUERY_RETRIEVE_LEVEL = 0x00080052
+_RETRIEVE_AE_TITLE = 0x00080054
+_SPECIFIC_CHARACTER_SET = 0x00080005
+# Tag and VR of every attribute a match can hold, looked up once.
+_TAG_VR = {
+    keyword: (tag_for_keyword(keyword), dictionary_VR(keyword))
+    for keyword in (*ATTRIBUTES, *COMPUTED)
+}
 
 
 def query_of(identifier: Dataset, sop_class_uid: str) -> Query:
@@ -62,36 +72,52 @@ def query_of(identifier: Dataset, sop_class_uid: str) -> Query:
     return Query(level, keys)
 
 
-def _value(value: object) -> object:
-    """An index value as pydicom takes it: dates as DA text, numbers as numbers (US and IS
-    both take an int), nothing as an empty element."""
+def _text(value: object) -> str | int | None:
+    """An index value as an element value: text (dates as DA, several values joined by a
+    backslash), an int for US, None for an empty element."""
+    if value is None or value == "" or value == []:
+        return None
     if isinstance(value, date):
         return value.strftime("%Y%m%d")
-    return value
+    if isinstance(value, list | tuple):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, int):
+        return value
+    return str(value)
 
 
-def response_of(match: dict, identifier: Dataset, retrieve_ae_title: str) -> Dataset:
-    """A pending response: every key the request asked for, filled in or left empty."""
-    answer = Dataset()
-    answer.QueryRetrieveLevel = identifier.QueryRetrieveLevel
-    answer.RetrieveAETitle = retrieve_ae_title
-    texts = []
+def response_of(match: dict, identifier: Dataset, retrieve_ae_title: str) -> list[Element]:
+    """A pending response, in tag order: every key the request asked for, filled in or
+    left empty, and the unique keys of the level."""
+    answer = {
+        _QUERY_RETRIEVE_LEVEL: Element(
+            _QUERY_RETRIEVE_LEVEL, "CS", str(identifier.QueryRetrieveLevel)
+        ),
+        _RETRIEVE_AE_TITLE: Element(_RETRIEVE_AE_TITLE, "AE", retrieve_ae_title),
+    }
     for element in identifier:
         keyword = element.keyword
         if not keyword or keyword in _SKIPPED:
             continue
         if keyword in ATTRIBUTES or keyword in COMPUTED:
-            value = _value(match.get(keyword))
-            if isinstance(value, str):
-                texts.append(value)
-            setattr(answer, keyword, value)
+            tag, vr = _TAG_VR[keyword]
+            answer[tag] = Element(tag, vr, _text(match.get(keyword)))
         else:
-            answer.add_new(element.tag, element.VR, None)  # a key we do not hold: empty
+            answer[element.tag] = Element(element.tag, element.VR, None)  # not held: empty
     for keyword, value in match.items():
-        if keyword not in answer:
-            setattr(answer, keyword, _value(value))
-    if any(not text.isascii() for text in texts):
-        answer.SpecificCharacterSet = UTF8
+        tag, vr = _TAG_VR[keyword]
+        if tag not in answer:
+            answer[tag] = Element(tag, vr, _text(value))
+    if any(isinstance(e.value, str) and not e.value.isascii() for e in answer.values()):
+        answer[_SPECIFIC_CHARACTER_SET] = Element(_SPECIFIC_CHARACTER_SET, "CS", UTF8)
+    return [answer[tag] for tag in sorted(answer)]
+
+
+def dataset_of(elements: list[Element]) -> Dataset:
+    """A response as a pydicom data set, for the associations pynetdicom serves."""
+    answer = Dataset()
+    for element in elements:
+        answer.add_new(element.tag, element.VR, element.value)
     return answer
 
 
@@ -108,15 +134,16 @@ def find(
     identifier: Dataset,
     sop_class_uid: str,
     cancelled: Callable[[], bool],
-) -> Iterator[tuple[int, Dataset | None]]:
-    """Every match visible to the caller's institution, as (status, identifier) responses,
-    whichever acceptor serves the association; `cancelled` reports a C-CANCEL."""
+) -> Iterator[tuple[int, list[Element] | str | None]]:
+    """Every match visible to the caller's institution, whichever acceptor serves the
+    association: (status, response elements) while pending, then a failure status with its
+    Error Comment, or the Cancel status once `cancelled` reports a C-CANCEL."""
     try:
         query = query_of(identifier, sop_class_uid)
         matches = search(context.index, query, context.viewer(tally))
     except InvalidQuery as exc:
         context.record(tally, "query", audit.FAILED, detail=str(exc))
-        yield IDENTIFIER_DOES_NOT_MATCH, failure(str(exc))
+        yield IDENTIFIER_DOES_NOT_MATCH, str(exc)
         return
     summary = ", ".join(f"{k}={v}" for k, v in query.keys.items() if v)
     context.record(
@@ -135,10 +162,14 @@ def find(
 
 def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Dataset | None]]:
     """EVT_C_FIND, for associations pynetdicom serves."""
-    yield from find(
+    for status, payload in find(
         context,
         context.tally(event.assoc),
         event.identifier,
         str(event.request.AffectedSOPClassUID),
         lambda: event.is_cancelled,
-    )
+    ):
+        if isinstance(payload, list):
+            yield status, dataset_of(payload)
+        else:
+            yield status, failure(payload) if payload else None

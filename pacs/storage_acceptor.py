@@ -30,7 +30,7 @@ from io import BytesIO
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -466,13 +466,11 @@ class _Session:
                 sop_class,
                 lambda: self._cancel_requested(command.message_id),
             )
-            for status, answer in responses:
-                if status != find.PENDING:
-                    comment = str(answer.get("ErrorComment", "")) if answer is not None else ""
+            for status, payload in responses:
+                if not isinstance(payload, list):
+                    comment = payload or ""
                     break
-                data = encode(answer, *encoding)
-                if data is None:
-                    raise ValueError("a response identifier cannot be encoded")
+                data = commands.encode_identifier(payload, *encoding)
                 pending = commands.encode_response(
                     commands.C_FIND_RSP, command.message_id, sop_class, status, has_data_set=True
                 )

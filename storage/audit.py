@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage.index import Index, IndexUnavailable
@@ -39,9 +39,11 @@ class AuditLog:
         self.index = index
 
     def record(self, entry: AuditEntry) -> None:
+        """One row, inserted directly: every query and retrieval writes one, and the ORM's
+        unit of work took a fifth of a C-FIND's time."""
         try:
-            with self.index.session() as session, session.begin():
-                session.add(AuditEvent(**asdict(entry)))
+            with self.index.engine.begin() as connection:
+                connection.execute(insert(AuditEvent), [asdict(entry)])
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"cannot write the audit trail: {exc}") from exc
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 
-from sqlalchemy import ColumnElement, Select, and_, distinct, func, or_, select, true
+from sqlalchemy import ColumnElement, Connection, Select, and_, distinct, func, or_, select, true
 
 from storage.index import Index
 from storage.models import Instance, Patient, Series, Study
@@ -294,36 +294,38 @@ def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
         QueryLevel.IMAGE,
     ).where(_conditions(query, viewer))
     statement = statement.order_by(Series.id, Instance.instance_number, Instance.id)
-    with index.session() as session:
-        return [Located(*row) for row in session.execute(statement)]
+    with index.engine.connect() as connection:
+        return [Located(*row) for row in connection.execute(statement)]
 
 
 def search(index: Index, query: Query, viewer: Viewer) -> list[Match]:
     """Every visible match of `query`, with the requested keys and the level's unique key."""
     statement = _select(query, viewer)
-    with index.session() as session:
-        rows = session.execute(statement).mappings().all()
+    # Core, not the ORM session: these are plain selects, and the ORM's execution layer
+    # took 40 % of a search's time.
+    with index.engine.connect() as connection:
+        rows = connection.execute(statement).mappings().all()
         pks = [row["pk"] for row in rows]
         matches: list[Match] = [{k: v for k, v in row.items() if k != "pk"} for row in rows]
         computed = [k for k in query.keys if k in COMPUTED and COMPUTED[k] == query.level]
         if computed and rows:
-            _add_computed(session, query, viewer, pks, matches, computed)
+            _add_computed(connection, query, viewer, pks, matches, computed)
     return matches
 
 
-def _add_computed(session, query, viewer, pks, matches, computed) -> None:
+def _add_computed(connection: Connection, query, viewer, pks, matches, computed) -> None:
     level = query.level
     own_or_all = visible_to(viewer, query.keys)
     if level == ST:
         series = dict(
-            session.execute(
+            connection.execute(
                 select(Series.study_pk, func.count(Series.id))
                 .where(Series.study_pk.in_(pks))
                 .group_by(Series.study_pk)
             ).all()
         )
         instances = dict(
-            session.execute(
+            connection.execute(
                 select(Series.study_pk, func.count(Instance.id))
                 .join(Instance)
                 .where(Series.study_pk.in_(pks))
@@ -331,7 +333,7 @@ def _add_computed(session, query, viewer, pks, matches, computed) -> None:
             ).all()
         )
         modalities: dict[int, list[str]] = {}
-        for study_pk, modality in session.execute(
+        for study_pk, modality in connection.execute(
             select(Series.study_pk, Series.modality)
             .where(Series.study_pk.in_(pks))
             .distinct()
@@ -349,7 +351,7 @@ def _add_computed(session, query, viewer, pks, matches, computed) -> None:
                 match[keyword] = values[keyword]
     elif level == SE:
         counts = dict(
-            session.execute(
+            connection.execute(
                 select(Instance.series_pk, func.count(Instance.id))
                 .where(Instance.series_pk.in_(pks))
                 .group_by(Instance.series_pk)
@@ -358,9 +360,9 @@ def _add_computed(session, query, viewer, pks, matches, computed) -> None:
         for pk, match in zip(pks, matches, strict=True):
             match["NumberOfSeriesRelatedInstances"] = counts.get(pk, 0)
     elif level == P:
-        studies = _patient_counts(session, pks, own_or_all, distinct(Study.id), Study)
-        series = _patient_counts(session, pks, own_or_all, distinct(Series.id), Series)
-        instances = _patient_counts(session, pks, own_or_all, distinct(Instance.id), Instance)
+        studies = _patient_counts(connection, pks, own_or_all, distinct(Study.id), Study)
+        series = _patient_counts(connection, pks, own_or_all, distinct(Series.id), Series)
+        instances = _patient_counts(connection, pks, own_or_all, distinct(Instance.id), Instance)
         for pk, match in zip(pks, matches, strict=True):
             values = {
                 "NumberOfPatientRelatedStudies": studies.get(pk, 0),
@@ -371,11 +373,11 @@ def _add_computed(session, query, viewer, pks, matches, computed) -> None:
                 match[keyword] = values[keyword]
 
 
-def _patient_counts(session, pks, visible, counted, table) -> dict[int, int]:
+def _patient_counts(connection: Connection, pks, visible, counted, table) -> dict[int, int]:
     statement = select(Study.patient_pk, func.count(counted)).select_from(Study)
     if table in (Series, Instance):
         statement = statement.join(Series)
     if table is Instance:
         statement = statement.join(Instance)
     statement = statement.where(Study.patient_pk.in_(pks), visible).group_by(Study.patient_pk)
-    return dict(session.execute(statement).all())
+    return dict(connection.execute(statement).all())

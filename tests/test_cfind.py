@@ -9,12 +9,14 @@ import subprocess
 import uuid
 from dataclasses import replace
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from storage.header import InstanceHeader
@@ -90,12 +92,17 @@ def test_result_recognition_through_the_exact_patient_identifier(region) -> None
     assert [r["StudyInstanceUID"] for r in found] == [studies["C"]]
 
 
-def test_patient_root_levels_with_pynetdicom_and_bad_levels(region) -> None:
+@pytest.mark.parametrize("with_move", [False, True], ids=["find-only", "find-and-move"])
+def test_patient_root_levels_with_pynetdicom_and_bad_levels(region, with_move: bool) -> None:
+    """The same answers whichever acceptor serves the association: the lean one takes
+    query-only associations, pynetdicom those that also propose retrieval."""
     archive, studies = region
     ae = AE(ae_title="NORTHCT")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    if with_move:
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", archive.dicom_port, ae_title=archive.ae_title)
     try:
         assert assoc.is_established

@@ -12,7 +12,7 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import Verification
 
-from pacs import commands
+from pacs import commands, find
 
 SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.12345678901234567890"
 
@@ -97,3 +97,41 @@ def test_file_meta_reads_back_with_pydicom() -> None:
     assert meta.ImplementationClassUID == "1.2.3.4"
     assert meta.ImplementationVersionName == "POCKET_1"
     assert meta.FileMetaInformationGroupLength == len(head) - 132 - 12
+
+
+RESPONSE = [
+    commands.Element(0x00080005, "CS", "ISO_IR 192"),
+    commands.Element(0x00080018, "UI", "1.2.3.45"),  # odd length: padded with NUL
+    commands.Element(0x00080052, "CS", "IMAGE"),
+    commands.Element(0x00080061, "CS", "CT\\MR"),
+    commands.Element(0x00081110, "SQ", None),  # a key the archive does not hold: empty
+    commands.Element(0x00100010, "PN", "张^明"),
+    commands.Element(0x00100030, "DA", None),
+    commands.Element(0x00200013, "IS", 12),
+    commands.Element(0x00280010, "US", 512),
+]
+
+
+@pytest.mark.parametrize(
+    ("implicit", "little_endian", "deflated"),
+    [(True, True, False), (False, True, False), (False, False, False), (False, True, True)],
+    ids=["implicit-le", "explicit-le", "explicit-be", "deflated"],
+)
+def test_encodes_a_c_find_response_as_pydicom_reads_it(
+    implicit: bool, little_endian: bool, deflated: bool
+) -> None:
+    data = commands.encode_identifier(RESPONSE, implicit, little_endian, deflated)
+    assert len(data) % 2 == 0
+    ds = decode(BytesIO(data), implicit, little_endian, deflated)
+    assert ds.SOPInstanceUID == "1.2.3.45"
+    assert ds.QueryRetrieveLevel == "IMAGE"
+    assert list(ds.ModalitiesInStudy) == ["CT", "MR"]
+    assert ds.ReferencedStudySequence == []
+    assert str(ds.PatientName) == "张^明"
+    assert ds.PatientBirthDate in ("", None)
+    assert ds.InstanceNumber == 12
+    assert ds.Rows == 512
+    if not deflated:
+        # Byte for byte what pydicom writes for the same elements.
+        expected = encode(find.dataset_of(RESPONSE), implicit, little_endian)
+        assert data == expected
