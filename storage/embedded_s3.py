@@ -27,9 +27,39 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _ENDPOINT_LINE = re.compile(r"S3 Endpoint:\s+http://127\.0\.0\.1:(\d+)")
+# How long to wait for a server that no longer answers to finish exiting.
+ATTACH_WAIT_SECONDS = 15.0
 # weed's gRPC ports are its HTTP ports plus this offset.
 _GRPC_OFFSET = 10000
 _COMPONENTS = ("master", "volume", "filer", "s3", "admin")
+
+
+def _answers(port: int, timeout: float = 2.0) -> bool:
+    """Whether something accepts connections on the loopback port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Running, not exited (an exited child its parent has not yet reaped is a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _exited(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for a process to exit; whether it did."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 class EmbeddedS3Error(RuntimeError):
@@ -159,17 +189,25 @@ class EmbeddedS3:
         pid, owner_alive = running
         match = _ENDPOINT_LINE.search((self.root / "weed.log").read_text(errors="replace"))
         if owner_alive and match:
-            self.port = int(match.group(1))
-            log.info(
-                "using the embedded S3 server already running at %s (pid %d)", self.endpoint, pid
-            )
-            return True
+            if _answers(int(match.group(1))):
+                self.port = int(match.group(1))
+                log.info(
+                    "using the embedded S3 server already running at %s (pid %d)",
+                    self.endpoint,
+                    pid,
+                )
+                return True
+            # Its owner is stopping it (an archive restarted at once): wait for it to go.
+            if not _exited(pid, ATTACH_WAIT_SECONDS):
+                raise EmbeddedS3Error(
+                    f"an embedded S3 server (pid {pid}) runs on {self.root} but does not "
+                    f"answer on port {match.group(1)}"
+                )
+            (self.root / "weed.pid").unlink(missing_ok=True)
+            return False
         log.warning("stopping an embedded S3 server left running by an earlier run (pid %d)", pid)
         os.kill(pid, signal.SIGTERM)
-        for _ in range(150):
-            if not Path(f"/proc/{pid}").exists():
-                break
-            time.sleep(0.1)
+        _exited(pid, 15.0)
         (self.root / "weed.pid").unlink(missing_ok=True)
         return False
 

@@ -11,6 +11,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from io import BytesIO
@@ -140,6 +141,34 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 # embedded SeaweedFS --------------------------------------------------------------------
+
+
+def test_a_restart_does_not_adopt_an_s3_server_that_is_stopping(tmp_path: Path) -> None:
+    """Started again at once, the archive finds the old `weed` still alive but no longer
+    listening: it waits for it to exit and starts its own, rather than using a dead port."""
+    root = tmp_path / "data"
+    first = EmbeddedS3(root)
+    first.start()
+    old_pid = first.process.pid
+    with socket.socket() as probe:  # a port nothing listens on: the stopping server's
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    log_path = root / "s3" / "weed.log"
+    log_path.write_text(f"S3 Endpoint: http://127.0.0.1:{closed_port}\n")
+    stopper = threading.Timer(1.0, first.stop)
+    stopper.start()
+    second = EmbeddedS3(root)
+    try:
+        endpoint = second.start()
+        assert second.process is not None and second.process.pid != old_pid
+        assert not Path(f"/proc/{old_pid}").exists()
+        port = int(endpoint.rsplit(":", 1)[1])
+        assert port != closed_port
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    finally:
+        stopper.join()
+        second.stop()
 
 
 def test_serve_with_embedded_s3(archive_factory, tmp_path: Path) -> None:
