@@ -170,7 +170,7 @@ def compare_section(data: dict) -> list[str]:
         "`bench/findfloor.py`, a pynetdicom C-FIND SCP with no index that sends the same "
         "number of canned answers carrying the same keys (TCP_NODELAY like pocketpacs): "
         "the floor under any SCP built on pynetdicom's DIMSE service (pocketpacs serves "
-        "C-FIND with its own lean acceptor, `pacs/storage_acceptor.py`).",
+        "C-FIND with its own lean acceptor, `pacs/lean_acceptor.py`).",
         "",
     ]
     out += in_process_table(

@@ -3,7 +3,7 @@
 Each handler is small and states its contract. A handler that raises is answered by
 pynetdicom with a failure status (0xC211 for C-STORE) and logged; the association goes on.
 The store itself and the log line live on `DicomContext`, shared with the lean acceptor
-(`pacs.storage_acceptor`) that serves store-only associations.
+(`pacs.lean_acceptor`) that serves store, verify and find associations.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.find import FIND_MODELS
 from pacs.handlers import DicomContext, Identify, bindings
-from pacs.storage_acceptor import StorageAcceptor
+from pacs.lean_acceptor import LeanAcceptor
 from storage.audit import AuditLog
 from storage.index import Index
 from storage.registry import Registry
@@ -103,11 +103,11 @@ class _SharedUIDContext(PresentationContext):
 
 
 class _Listener(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with store-only associations taken by the lean
-    `StorageAcceptor` and TCP_NODELAY on every connection (else each response waits
+    """pynetdicom's threaded server, with store, verify and find associations taken by the lean
+    `LeanAcceptor` and TCP_NODELAY on every connection (else each response waits
     ~40 ms for a delayed ACK)."""
 
-    def __init__(self, *args, acceptor: StorageAcceptor, **kwargs) -> None:
+    def __init__(self, *args, acceptor: LeanAcceptor, **kwargs) -> None:
         self.acceptor = acceptor
         super().__init__(*args, **kwargs)
 
@@ -189,7 +189,7 @@ class DicomServer:
         ae = self._application_entity()
         # The lean acceptor takes associations that propose storage, verification and
         # C-FIND only; retrieval goes to pynetdicom.
-        acceptor = StorageAcceptor(
+        acceptor = LeanAcceptor(
             self.ae_title,
             [cx for cx in ae.supported_contexts if cx.abstract_syntax not in RETRIEVE_MODELS],
             UNLIMITED_PDU_SIZE,

@@ -1,17 +1,18 @@
-"""A lean acceptor for associations that only store and verify.
+"""A lean acceptor for associations that only store, verify and find.
 
 Why: pynetdicom's reactor reads a PDU 4 KiB at a time into a growing buffer and passes
 every event between threads that poll with short sleeps. For a 0.5 MB CT slice that is
-about 7 ms of CPU, which caps the whole process near 130 instances/s under the GIL. An
-association that proposes nothing but Storage and Verification needs a small part of
-PS3.8, so this module serves it on the socket directly: pynetdicom still decodes the
-A-ASSOCIATE-RQ, negotiates the presentation contexts and encodes the A-ASSOCIATE-AC; the
-few command sets are read and written by `pacs.commands`; and each data set streams from
-the socket into a Part 10 file of the spool's pool (``files/``) as it arrives,
-never held whole in memory, whatever the PDU size.
+about 7 ms of CPU, which caps the whole process near 130 instances/s under the GIL; for a
+C-FIND it is about 1 ms per response. An association that proposes nothing but Storage,
+Verification and C-FIND needs a small part of PS3.8, so this module serves it on the socket
+directly: pynetdicom still decodes the A-ASSOCIATE-RQ, negotiates the presentation
+contexts and encodes the A-ASSOCIATE-AC; command sets and C-FIND responses are read and
+written by `pacs.commands`; each data set streams from the socket into a Part 10 file of
+the spool's pool (``files/``) as it arrives, never held whole in memory, whatever the PDU
+size; C-FIND runs the same `pacs.find.find` as pynetdicom's handler.
 
 Every association passes this module's gate first: a calling AE title the node registry
-does not know is rejected here. Anything else it does not serve (query, retrieve, role
+does not know is rejected here. Anything else it does not serve (retrieval, role
 selection, user identity, extended negotiation, a wrong called AE title) is left, unread,
 to pynetdicom: the A-ASSOCIATE-RQ is only peeked at until this module decides.
 """
@@ -95,8 +96,9 @@ class ProtocolError(Exception):
     """The peer broke PS3.7 or PS3.8: the association is aborted."""
 
 
-class StorageAcceptor:
-    """Takes the associations that only store and verify, and serves each on its socket."""
+class LeanAcceptor:
+    """Takes the associations that only store, verify and find, and serves each on its
+    socket."""
 
     def __init__(
         self,
@@ -114,7 +116,7 @@ class StorageAcceptor:
         self._slots = threading.BoundedSemaphore(maximum_associations)
 
     def take(self, sock: socket.socket, address: tuple[str, int]) -> bool:
-        """Gate every association, and serve it here if it only stores and verifies.
+        """Gate every association, and serve it here if it only stores, verifies and finds.
 
         A caller the node registry does not know is rejected (calling AE title not
         recognised); what is not a readable A-ASSOCIATE-RQ is aborted. Returns False, with
@@ -288,7 +290,7 @@ class _Session:
         sock: socket.socket,
         contexts: dict[int, PresentationContext],
         peer_maximum_pdu: int,
-        acceptor: StorageAcceptor,
+        acceptor: LeanAcceptor,
         tally: AssociationTally,
     ) -> None:
         self.sock = sock
@@ -559,7 +561,7 @@ class _IncomingDataSet(IncomingFile):
         command: commands.Command,
         context_id: int,
         transfer_syntax: str,
-        acceptor: StorageAcceptor,
+        acceptor: LeanAcceptor,
     ) -> None:
         super().__init__(acceptor.context.spool.files)
         self.command = command
