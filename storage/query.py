@@ -317,28 +317,26 @@ def _add_computed(connection: Connection, query, viewer, pks, matches, computed)
     level = query.level
     own_or_all = visible_to(viewer, query.keys)
     if level == ST:
-        series = dict(
-            connection.execute(
-                select(Series.study_pk, func.count(Series.id))
-                .where(Series.study_pk.in_(pks))
-                .group_by(Series.study_pk)
-            ).all()
-        )
-        instances = dict(
-            connection.execute(
-                select(Series.study_pk, func.count(Instance.id))
-                .join(Instance)
-                .where(Series.study_pk.in_(pks))
-                .group_by(Series.study_pk)
-            ).all()
-        )
+        # One statement for all three: counts per study and modality, summed per study
+        # below (a series has one modality, so its count is never split).
+        series: dict[int, int] = {}
+        instances: dict[int, int] = {}
         modalities: dict[int, list[str]] = {}
-        for study_pk, modality in connection.execute(
-            select(Series.study_pk, Series.modality)
+        for study_pk, modality, series_count, instance_count in connection.execute(
+            select(
+                Series.study_pk,
+                Series.modality,
+                func.count(distinct(Series.id)),
+                func.count(Instance.id),
+            )
+            .select_from(Series)
+            .outerjoin(Instance)
             .where(Series.study_pk.in_(pks))
-            .distinct()
+            .group_by(Series.study_pk, Series.modality)
             .order_by(Series.study_pk, Series.modality)
         ):
+            series[study_pk] = series.get(study_pk, 0) + series_count
+            instances[study_pk] = instances.get(study_pk, 0) + instance_count
             if modality:
                 modalities.setdefault(study_pk, []).append(modality)
         for pk, match in zip(pks, matches, strict=True):
