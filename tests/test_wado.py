@@ -196,3 +196,15 @@ def test_frames_native_and_encapsulated(region, keys, tmp_path: Path) -> None:
     assert frames_of(archive, uids, "0", keys["north"]).status_code == 400
     assert frames_of(archive, uids, "1,x", keys["north"]).status_code == 400
     assert frames_of(archive, uids, "1", keys["south"]).status_code == 404
+
+    # Three frames declared, two fragments stored: the third cannot be cut out (415 with the
+    # reason), the others still can, and the archive carries on.
+    short = dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    short.SOPInstanceUID = generate_uid(entropy_srcs=["frames-short"])
+    short.file_meta.MediaStorageSOPInstanceUID = short.SOPInstanceUID
+    short.NumberOfFrames = 3
+    uids = _push_as_north(archive, short, tmp_path / "short.dcm")
+    broken = frames_of(archive, uids, "3", keys["north"])
+    assert broken.status_code == 415, broken.text
+    assert "cannot extract the frame" in broken.json()["detail"]
+    assert parts_of(frames_of(archive, uids, "2", keys["north"])) == [second]
