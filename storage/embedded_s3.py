@@ -130,8 +130,12 @@ def _die_with_parent() -> None:
 class EmbeddedS3:
     """Start, find and stop one `weed mini` serving S3 for this data directory."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, volume_size_limit_mb: int | None = None) -> None:
+        """`volume_size_limit_mb`: SeaweedFS's volume size (default: its own, from the disk
+        size). Every bucket takes at least one volume, and weed makes as many as the free
+        disk holds, so a server with many buckets (a test session) wants small ones."""
         self.root = data_dir / "s3"
+        self.volume_size_limit_mb = volume_size_limit_mb
         self.credentials = load_or_create_credentials(data_dir / "s3-credentials.json")
         self.process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
@@ -231,6 +235,8 @@ class EmbeddedS3:
             "-s3.port.lance=0",
             f"-s3.config={self._write_identities()}",
         ]
+        if self.volume_size_limit_mb is not None:
+            command.append(f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}")
         log_path = self.root / "weed.log"
         with log_path.open("wb") as log_file:
             self.process = subprocess.Popen(

@@ -36,7 +36,9 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
     """A real SeaweedFS S3 server shared by the session (started the way `serve` does)."""
-    server = EmbeddedS3(tmp_path_factory.mktemp("s3-session"))
+    # One bucket per test, each at least one SeaweedFS volume: at its default 1 GiB size
+    # weed makes only as many volumes as the free disk holds (74 on a 75 GB disk).
+    server = EmbeddedS3(tmp_path_factory.mktemp("s3-session"), volume_size_limit_mb=64)
     server.start()
     yield server
     server.stop()
