@@ -76,6 +76,8 @@ PROCESSING_FAILURE = 0x0110
 LARGEST_REQUEST = 1024 * 1024
 # A command set is a handful of elements; a bigger one is a broken or hostile peer.
 LARGEST_COMMAND = 64 * 1024
+# A C-FIND identifier is a few hundred bytes, but a list of UIDs can hold thousands.
+LARGEST_IDENTIFIER = 1024 * 1024
 RECEIVE_BUFFER = 256 * 1024
 # C-FIND responses are sent in batches of about this many bytes.
 SEND_BATCH = 64 * 1024
@@ -545,7 +547,7 @@ class _IncomingIdentifier:
     def write_many(self, chunks: list[memoryview]) -> None:
         for chunk in chunks:
             self.data += chunk
-        if len(self.data) > LARGEST_COMMAND:
+        if len(self.data) > LARGEST_IDENTIFIER:
             raise ProtocolError("C-FIND identifier too large")
 
     def discard(self) -> None:

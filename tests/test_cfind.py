@@ -151,6 +151,16 @@ def test_patient_root_levels_with_pynetdicom_and_bad_levels(region, with_move: b
         assert status == 0xA900
         _, status = ask(StudyRootQueryRetrieveInformationModelFind, QueryRetrieveLevel="FRAME")
         assert status == 0xA900
+        # A list of 1,300 UIDs (62 KB, about as long as an explicit-VR UI element can be) is
+        # matched like any other.
+        unknown = [f"2.25.{n + 1}{'7' * 38}" for n in range(1300)]
+        listed, status = ask(
+            StudyRootQueryRetrieveInformationModelFind,
+            QueryRetrieveLevel="STUDY",
+            StudyInstanceUID="\\".join([*unknown, studies["A"]]),
+        )
+        assert status == 0x0000
+        assert [str(s.StudyInstanceUID) for s in listed] == [studies["A"]]
         assert assoc.is_established
         assoc.release()
     finally:
@@ -169,6 +179,7 @@ def test_patient_root_levels_with_pynetdicom_and_bad_levels(region, with_move: b
         ("NORTHCT", "north", "ok", 3),
         ("NORTHCT", "north", "failed", 0),
         ("NORTHCT", "north", "failed", 0),
+        ("NORTHCT", "north", "ok", 1),
     ]
 
 
