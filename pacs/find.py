@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from datetime import date
 from typing import TYPE_CHECKING
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -15,7 +15,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from pacs.commands import Element
+from pacs.commands import TEXT_VRS, Element, dictionary_vr
 from pacs.statuses import ERROR_COMMENT_LENGTH
 from storage import audit
 from storage.query import ATTRIBUTES, COMPUTED, InvalidQuery, Query, QueryLevel, search
@@ -43,11 +43,43 @@ _TAG_VR = {
     keyword: (tag_for_keyword(keyword), dictionary_VR(keyword))
     for keyword in (*ATTRIBUTES, *COMPUTED)
 }
+_KEYWORDS = {tag: keyword for keyword, (tag, _) in _TAG_VR.items()}
 
 
-def query_of(identifier: Dataset, sop_class_uid: str) -> Query:
+def _as_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def requested(identifier: Dataset) -> list[Element]:
+    """The identifier's elements, values as text (several joined by a backslash; None when
+    empty), for identifiers `commands.decode_identifier` leaves to pydicom. ASCII text is
+    read from the bytes as they came; anything else (another character set, binary VRs) is
+    converted by pydicom, which knows the identifier's Specific Character Set."""
+    keys = []
+    for element in identifier.elements():
+        tag = int(element.tag)
+        vr = element.VR or dictionary_vr(tag)
+        value = element.value
+        if isinstance(value, bytes) and vr in TEXT_VRS and value.isascii():
+            text = value.decode("ascii").rstrip(" \x00")
+        else:
+            try:
+                converted = identifier[tag]
+            except Exception as exc:  # pydicom raises what the malformed value provokes
+                raise InvalidQuery(f"({tag >> 16:04X},{tag & 0xFFFF:04X}): {exc}") from exc
+            vr, text = converted.VR, ("" if vr == "SQ" else _as_text(converted.value))
+        keys.append(Element(tag, vr, text or None))
+    return keys
+
+
+def query_of(keys: list[Element], sop_class_uid: str) -> Query:
     """The query an identifier asks, or InvalidQuery saying what is wrong with it."""
-    level_name = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    level_name = next((k.value for k in keys if k.tag == _QUERY_RETRIEVE_LEVEL), "")
+    level_name = str(level_name).strip().upper()
     if level_name not in QueryLevel.__members__:
         raise InvalidQuery(f"QueryRetrieveLevel {level_name!r} is not PATIENT/STUDY/SERIES/IMAGE")
     level = QueryLevel[level_name]
@@ -56,20 +88,12 @@ def query_of(identifier: Dataset, sop_class_uid: str) -> Query:
         and sop_class_uid != PatientRootQueryRetrieveInformationModelFind
     ):
         raise InvalidQuery("the Study Root model has no PATIENT level")
-    keys: dict[str, str] = {}
-    for element in identifier:
-        keyword = element.keyword
-        if not keyword or keyword in _SKIPPED or element.VR == "SQ":
-            continue
-        value = element.value
-        if value is None:
-            text = ""
-        elif isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-            text = "\\".join(str(v) for v in value)
-        else:
-            text = str(value)
-        keys[keyword] = text
-    return Query(level, keys)
+    query_keys: dict[str, str] = {}
+    for key in keys:
+        keyword = _KEYWORDS.get(key.tag) or keyword_for_tag(key.tag)
+        if keyword and keyword not in _SKIPPED and key.VR != "SQ":
+            query_keys[keyword] = "" if key.value is None else str(key.value)
+    return Query(level, query_keys)
 
 
 def _text(value: object) -> str | int | None:
@@ -86,24 +110,24 @@ def _text(value: object) -> str | int | None:
     return str(value)
 
 
-def response_of(match: dict, identifier: Dataset, retrieve_ae_title: str) -> list[Element]:
+def response_of(
+    match: dict, keys: list[Element], level: QueryLevel, retrieve_ae_title: str
+) -> list[Element]:
     """A pending response, in tag order: every key the request asked for, filled in or
     left empty, and the unique keys of the level."""
     answer = {
-        _QUERY_RETRIEVE_LEVEL: Element(
-            _QUERY_RETRIEVE_LEVEL, "CS", str(identifier.QueryRetrieveLevel)
-        ),
+        _QUERY_RETRIEVE_LEVEL: Element(_QUERY_RETRIEVE_LEVEL, "CS", level.name),
         _RETRIEVE_AE_TITLE: Element(_RETRIEVE_AE_TITLE, "AE", retrieve_ae_title),
     }
-    for element in identifier:
-        keyword = element.keyword
+    for key in keys:
+        keyword = _KEYWORDS.get(key.tag) or keyword_for_tag(key.tag)
         if not keyword or keyword in _SKIPPED:
             continue
-        if keyword in ATTRIBUTES or keyword in COMPUTED:
+        if keyword in _TAG_VR:
             tag, vr = _TAG_VR[keyword]
             answer[tag] = Element(tag, vr, _text(match.get(keyword)))
         else:
-            answer[element.tag] = Element(element.tag, element.VR, None)  # not held: empty
+            answer[key.tag] = Element(key.tag, key.VR, None)  # not held: empty
     for keyword, value in match.items():
         tag, vr = _TAG_VR[keyword]
         if tag not in answer:
@@ -131,33 +155,47 @@ def failure(reason: str) -> Dataset:
 def find(
     context: DicomContext,
     tally: AssociationTally,
-    identifier: Dataset,
+    keys: list[Element],
     sop_class_uid: str,
     cancelled: Callable[[], bool],
 ) -> Iterator[tuple[int, list[Element] | str | None]]:
     """Every match visible to the caller's institution, whichever acceptor serves the
-    association: (status, response elements) while pending, then a failure status with its
-    Error Comment, or the Cancel status once `cancelled` reports a C-CANCEL."""
+    association: (status, response elements) while pending, then the final status (with
+    its Error Comment for a failure), the Cancel status once `cancelled` reports a C-CANCEL.
+
+    The audit row is written when the caller resumes or closes the generator after sending
+    the final status: the caller does not wait for it, and it counts what was sent."""
     try:
-        query = query_of(identifier, sop_class_uid)
+        query = query_of(keys, sop_class_uid)
         matches = search(context.index, query, context.viewer(tally))
     except InvalidQuery as exc:
         context.record(tally, "query", audit.FAILED, detail=str(exc))
         yield IDENTIFIER_DOES_NOT_MATCH, str(exc)
         return
     summary = ", ".join(f"{k}={v}" for k, v in query.keys.items() if v)
-    context.record(
-        tally,
-        "query",
-        audit.OK,
-        resource=f"{query.level.name} {summary}"[:200],
-        instances=len(matches),
-    )
-    for match in matches:
-        if cancelled():
-            yield CANCELLED, None
-            return
-        yield PENDING, response_of(match, identifier, context.ae_title)
+    sent, final, outcome, detail = 0, False, audit.OK, ""
+    try:
+        for match in matches:
+            if cancelled():
+                outcome, detail = audit.PARTIAL, f"cancelled after {sent} of {len(matches)}"
+                final = True
+                yield CANCELLED, None
+                return
+            yield PENDING, response_of(match, keys, query.level, context.ae_title)
+            sent += 1
+        final = True
+        yield SUCCESS, None
+    finally:
+        if not final:
+            outcome, detail = audit.FAILED, f"the caller went away after {sent} of {len(matches)}"
+        context.record(
+            tally,
+            "query",
+            outcome,
+            resource=f"{query.level.name} {summary}"[:200],
+            instances=sent,
+            detail=detail,
+        )
 
 
 def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Dataset | None]]:
@@ -165,7 +203,7 @@ def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Data
     for status, payload in find(
         context,
         context.tally(event.assoc),
-        event.identifier,
+        requested(event.identifier),
         str(event.request.AffectedSOPClassUID),
         lambda: event.is_cancelled,
     ):

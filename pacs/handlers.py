@@ -139,33 +139,45 @@ class DicomContext:
             log.error("audit event lost (%s): %s", exc, entry)
 
     def store(
-        self, tally: AssociationTally, path: Path, sop_class_uid: str, sop_instance_uid: str
+        self,
+        tally: AssociationTally,
+        path: Path,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        negotiated_sop_class_uid: str,
     ) -> tuple[int, str]:
         """C-STORE (PS3.4 B.2.3): one received data set, a Part 10 file at `path`, into the
         ingest spool. Returns the DIMSE status and an Error Comment ("" on success).
 
         Success (0x0000) once the instance is durable; 0xA700 out of resources (bucket,
         index or spool unavailable), 0xA900 data set does not match the SOP class (missing
-        or malformed UIDs), 0xC000 cannot understand.
+        or malformed UIDs, or a SOP class other than the presentation context's), 0xC000
+        cannot understand.
         """
-        origin = Origin(
-            institution=tally.institution,
-            calling_ae=tally.calling_ae,
-            route="cstore",
-        )
-        item = InstanceToStore(
-            path=path,
-            origin=origin,
-            expected_sop_class_uid=sop_class_uid,
-            expected_sop_instance_uid=sop_instance_uid,
-        )
-        result = self.spool.accept(item)
-        tally.counts[result.outcome] = tally.counts.get(result.outcome, 0) + 1
-        if result.outcome.ok:
-            tally.bytes += result.size
-            return result.outcome.dimse_status, ""
-        tally.last_failure = result.reason
-        return result.outcome.dimse_status, result.reason[:ERROR_COMMENT_LENGTH]
+        if sop_class_uid != negotiated_sop_class_uid:
+            outcome = StoreOutcome.DOES_NOT_MATCH_SOP_CLASS
+            reason = f"presentation context is for {negotiated_sop_class_uid}, not {sop_class_uid}"
+            size = 0
+        else:
+            origin = Origin(
+                institution=tally.institution,
+                calling_ae=tally.calling_ae,
+                route="cstore",
+            )
+            item = InstanceToStore(
+                path=path,
+                origin=origin,
+                expected_sop_class_uid=sop_class_uid,
+                expected_sop_instance_uid=sop_instance_uid,
+            )
+            result = self.spool.accept(item)
+            outcome, reason, size = result.outcome, result.reason, result.size
+        tally.counts[outcome] = tally.counts.get(outcome, 0) + 1
+        if outcome.ok:
+            tally.bytes += size
+            return outcome.dimse_status, ""
+        tally.last_failure = reason
+        return outcome.dimse_status, reason[:ERROR_COMMENT_LENGTH]
 
 
 def log_association(tally: AssociationTally) -> None:
@@ -195,6 +207,7 @@ def handle_store(event: Event, context: DicomContext) -> Dataset:
         Path(event.dataset_path),
         str(request.AffectedSOPClassUID or ""),
         str(request.AffectedSOPInstanceUID or ""),
+        str(event.context.abstract_syntax),
     )
     answer = Dataset()
     answer.Status = status

@@ -20,6 +20,7 @@ to pynetdicom: the A-ASSOCIATE-RQ is only peeked at until this module decides.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import select
 import socket
@@ -284,6 +285,13 @@ class _Receiver:
         return chunk
 
 
+@functools.cache
+def _encoding(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """(implicit VR, little endian, deflated) of a transfer syntax."""
+    syntax = UID(transfer_syntax)
+    return syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
+
+
 class _Session:
     """One accepted association: P-DATA in, DIMSE answers out, until release or abort."""
 
@@ -429,6 +437,7 @@ class _Session:
                 store.path,
                 request.affected_sop_class_uid,
                 request.affected_sop_instance_uid,
+                str(self.contexts[store.context_id].abstract_syntax),
             )
         except Exception:
             log.exception("storing %s failed", request.affected_sop_instance_uid)
@@ -449,30 +458,27 @@ class _Session:
         """Answer a C-FIND-RQ (PS3.7 9.1.2): pending responses, polling for a C-CANCEL
         between them, then the final status. Responses go out in batches of about 64 KiB."""
         command = request.command
-        syntax = UID(request.transfer_syntax)
-        encoding = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        encoding = _encoding(request.transfer_syntax)
         context_id = request.context_id
         sop_class = command.affected_sop_class_uid
         context = self.acceptor.context
         status, comment = find.SUCCESS, ""
         out = bytearray()
+        responses = None
         self.cancelled.clear()
         self.finding = True
         try:
-            try:
-                identifier = decode(BytesIO(bytes(request.data)), *encoding)
-            except Exception as exc:
-                raise InvalidQuery(f"the identifier cannot be decoded: {exc}") from exc
+            keys = self._requested(bytes(request.data), encoding)
             responses = find.find(
                 context,
                 self.tally,
-                identifier,
+                keys,
                 sop_class,
                 lambda: self._cancel_requested(command.message_id),
             )
             for status, payload in responses:
-                if not isinstance(payload, list):
-                    comment = payload or ""
+                if status != find.PENDING or not isinstance(payload, list):
+                    comment = payload if isinstance(payload, str) else ""
                     break
                 data = commands.encode_identifier(payload, *encoding)
                 pending = commands.encode_response(
@@ -482,8 +488,6 @@ class _Session:
                 if len(out) >= SEND_BATCH:
                     self.sock.sendall(out)
                     out.clear()
-            else:
-                status = find.SUCCESS
         except (ProtocolError, OSError):
             raise
         except InvalidQuery as exc:
@@ -502,7 +506,27 @@ class _Session:
             error_comment=comment[:ERROR_COMMENT_LENGTH],
         )
         out += self._pdus(context_id, final)
-        self.sock.sendall(out)
+        try:
+            self.sock.sendall(out)
+        finally:
+            if responses is not None:
+                responses.close()  # writes the audit row, now that the answer is out
+
+    @staticmethod
+    def _requested(data: bytes, encoding: tuple[bool, bool, bool]) -> list[commands.Element]:
+        """A C-FIND identifier's keys: read directly when it is flat ASCII text in a Little
+        Endian syntax, else by pydicom."""
+        implicit, little_endian, deflated = encoding
+        if little_endian and not deflated:
+            keys = commands.decode_identifier(data, implicit)
+            if keys is not None:
+                return keys
+        try:
+            return find.requested(decode(BytesIO(data), *encoding))
+        except InvalidQuery:
+            raise
+        except Exception as exc:
+            raise InvalidQuery(f"the identifier cannot be decoded: {exc}") from exc
 
     def _cancel_requested(self, message_id: int) -> bool:
         """Read what the peer sent meanwhile (a C-CANCEL-RQ, if anything) without waiting."""

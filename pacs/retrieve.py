@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
 
-from pacs.find import CANCELLED, IDENTIFIER_DOES_NOT_MATCH, failure, query_of
+from pacs.find import CANCELLED, IDENTIFIER_DOES_NOT_MATCH, failure, query_of, requested
 from storage import audit
 from storage.query import InvalidQuery, Located, Query, locate
 
@@ -36,7 +36,7 @@ MOST_CONTEXTS = 128
 def _located(
     event: Event, context: DicomContext, tally: AssociationTally, model: str
 ) -> list[Located]:
-    query = query_of(event.identifier, model)
+    query = query_of(requested(event.identifier), model)
     return locate(context.index, Query(query.level, query.keys), context.viewer(tally))
 
 

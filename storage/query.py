@@ -16,11 +16,27 @@ Matching, per attribute:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, distinct, func, or_, select, true
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Connection,
+    Executable,
+    Integer,
+    Select,
+    and_,
+    bindparam,
+    distinct,
+    func,
+    or_,
+    select,
+    true,
+)
 
 from storage.index import Index
 from storage.models import Instance, Patient, Series, Study
@@ -132,19 +148,50 @@ def is_exact(value: str) -> bool:
     return bool(value) and not any(c in value for c in ("*", "?", "\\"))
 
 
-def visible_to(viewer: Viewer, keys: Mapping[str, str]) -> ColumnElement[bool]:
+@dataclass(frozen=True)
+class _Rule:
+    """One condition of a search, split in two: its shape, which decides the SQL, and its
+    values, bound as parameters. Searches of one shape (PatientID=X, whatever X) then share
+    one statement, built and compiled once: building and compiling a statement took ten
+    times as long as SQLite took to answer it."""
+
+    shape: tuple
+    values: tuple = ()
+    # The condition, from one bind parameter per value (built only for a new shape).
+    build: Callable[..., ColumnElement[bool]] = lambda: true()
+
+
+def _all_of(rules: list[_Rule], either: bool = False) -> _Rule:
+    """Every rule (or, with `either`, any of them), as one rule."""
+
+    def build(*params: BindParameter) -> ColumnElement[bool]:
+        built, position = [], 0
+        for rule in rules:
+            built.append(rule.build(*params[position : position + len(rule.values)]))
+            position += len(rule.values)
+        return or_(*built) if either else and_(*built)
+
+    shape = ("or" if either else "and", *(rule.shape for rule in rules))
+    return _Rule(shape, tuple(v for rule in rules for v in rule.values), build)
+
+
+def visible_to(viewer: Viewer, keys: Mapping[str, str]) -> _Rule:
     """The access rule, for every route: an institution sees every study it sent, and
     another institution's study only through an exact patient identifier, which the query
     itself then matches on: PatientID with its IssuerOfPatientID, both single values, or a
     PatientID alone when it is the regional identifier (the patient's issuer is the
     configured regional issuer). So nobody browses the region by wildcard or by date."""
-    own = Study.source_institution == viewer.institution
+    own = _Rule(("own",), (viewer.institution,), lambda i: Study.source_institution == i)
     if not is_exact(keys.get("PatientID", "")):
         return own
     if is_exact(keys.get("IssuerOfPatientID", "")):
-        return true()
+        return _Rule(("anyone's",))
     if viewer.regional_issuer and not keys.get("IssuerOfPatientID", "").strip():
-        return or_(own, Patient.issuer_of_patient_id == viewer.regional_issuer)
+        return _Rule(
+            ("own or regional",),
+            (viewer.institution, viewer.regional_issuer),
+            lambda i, r: or_(Study.source_institution == i, Patient.issuer_of_patient_id == r),
+        )
     return own
 
 
@@ -163,64 +210,83 @@ def _parse_date(text: str, keyword: str) -> date:
         raise InvalidQuery(f"{keyword}: {text!r} is not a date") from exc
 
 
-def _single(attribute: _Attribute, keyword: str, value: str) -> ColumnElement[bool]:
+def _single(attribute: _Attribute, keyword: str, value: str) -> _Rule:
     column = attribute.column
     kind = attribute.kind
-    if kind is Kind.DATE:
-        if "-" in value:
-            low, _, high = value.partition("-")
-            conditions = [column.is_not(None)]
-            if low.strip():
-                conditions.append(column >= _parse_date(low, keyword))
-            if high.strip():
-                conditions.append(column <= _parse_date(high, keyword))
-            return and_(*conditions)
-        return column == _parse_date(value, keyword)
-    if kind is Kind.TIME and "-" in value:
+    if kind is Kind.DATE and "-" in value:
         low, _, high = value.partition("-")
-        conditions = [column != ""]
+        rules = [_Rule(("dated", keyword), (), lambda: column.is_not(None))]
         if low.strip():
-            conditions.append(column >= low.strip())
+            rules.append(
+                _Rule((">=", keyword), (_parse_date(low, keyword),), lambda d: column >= d)
+            )
         if high.strip():
-            # "1200" covers 12:00:00.000 to 12:00:59.999: compare on the given precision.
-            conditions.append(func.substr(column, 1, len(high.strip())) <= high.strip())
-        return and_(*conditions)
+            rules.append(
+                _Rule(("<=", keyword), (_parse_date(high, keyword),), lambda d: column <= d)
+            )
+        return _all_of(rules)
+    if kind is Kind.DATE:
+        return _Rule(("=", keyword), (_parse_date(value, keyword),), lambda d: column == d)
+    if kind is Kind.TIME and "-" in value:
+        low, _, high = (part.strip() for part in value.partition("-"))
+        rules = [_Rule(("timed", keyword), (), lambda: column != "")]
+        if low:
+            rules.append(_Rule((">=", keyword), (low,), lambda t: column >= t))
+        if high:
+            # "1200" as the upper end covers 12:00:00.000 to 12:00:59.999: compare on the
+            # precision given.
+            precision = len(high)
+            rules.append(
+                _Rule(
+                    ("<= to precision", keyword, precision),
+                    (high,),
+                    lambda t: func.substr(column, 1, precision) <= t,
+                )
+            )
+        return _all_of(rules)
     if kind is Kind.NUMBER:
         try:
-            return column == int(value)
+            return _Rule(("=", keyword), (int(value),), lambda n: column == n)
         except ValueError as exc:
             raise InvalidQuery(f"{keyword}: {value!r} is not a number") from exc
     if any(w in value for w in _WILDCARDS):
         if kind is Kind.NAME:
-            return func.lower(column).like(_like(value.lower()), escape="\\")
-        return column.like(_like(value), escape="\\")
+            return _Rule(
+                ("name like", keyword),
+                (_like(value.lower()),),
+                lambda p: func.lower(column).like(p, escape="\\"),
+            )
+        return _Rule(("like", keyword), (_like(value),), lambda p: column.like(p, escape="\\"))
     if kind is Kind.NAME:
-        return func.lower(column) == value.lower()
-    return column == value
+        return _Rule(("name =", keyword), (value.lower(),), lambda n: func.lower(column) == n)
+    return _Rule(("=", keyword), (value,), lambda v: column == v)
 
 
-def _condition(keyword: str, value: str) -> ColumnElement[bool] | None:
+def _condition(keyword: str, value: str) -> _Rule | None:
     if keyword == "ModalitiesInStudy":
         modalities = [v for v in value.split("\\") if v]
         if not modalities:
             return None
-        return Study.id.in_(
-            select(Series.study_pk).where(
-                or_(*(_single(ATTRIBUTES["Modality"], "Modality", m) for m in modalities))
-            )
+        any_of = _all_of([_single(ATTRIBUTES["Modality"], "Modality", m) for m in modalities], True)
+        return _Rule(
+            ("modalities", any_of.shape),
+            any_of.values,
+            lambda *p: Study.id.in_(select(Series.study_pk).where(any_of.build(*p))),
         )
     attribute = ATTRIBUTES[keyword]
     values = [v for v in value.split("\\")] if "\\" in value else [value]
     if len(values) > 1:
         if attribute.kind is Kind.UID and not any(any(w in v for w in _WILDCARDS) for v in values):
-            return attribute.column.in_(values)
-        return or_(*(_single(attribute, keyword, v) for v in values))
+            column = attribute.column
+            # One expanding parameter: a list of 1,000 UIDs is the same shape as one of 2.
+            return _Rule(("in", keyword), (values,), lambda uids: column.in_(uids))
+        return _all_of([_single(attribute, keyword, v) for v in values], either=True)
     return _single(attribute, keyword, value)
 
 
-def _conditions(query: Query, viewer: Viewer) -> ColumnElement[bool]:
+def _conditions(query: Query, viewer: Viewer) -> _Rule:
     """What a row must satisfy: the query's keys, and the access rule."""
-    conditions = [visible_to(viewer, query.keys)]
+    rules = [visible_to(viewer, query.keys)]
     for keyword, value in query.keys.items():
         value = value.strip()
         if not value or keyword in ("QueryRetrieveLevel", "SpecificCharacterSet"):
@@ -232,10 +298,48 @@ def _conditions(query: Query, viewer: Viewer) -> ColumnElement[bool]:
             raise InvalidQuery(f"{keyword} is below the {query.level.name} level")
         if keyword in COMPUTED and keyword != "ModalitiesInStudy":
             continue  # counts are returned, not matched on
-        condition = _condition(keyword, value)
-        if condition is not None:
-            conditions.append(condition)
-    return and_(*conditions)
+        rule = _condition(keyword, value)
+        if rule is not None:
+            rules.append(rule)
+    return _all_of(rules)
+
+
+class _Statements:
+    """Statements by shape, the most recently used kept (a client asking with ever new
+    shapes, offsets say, only evicts older ones)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._capacity = capacity
+        self._statements: OrderedDict[tuple, Executable] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple, make: Callable[[], Executable]) -> Executable:
+        with self._lock:
+            statement = self._statements.get(shape)
+            if statement is not None:
+                self._statements.move_to_end(shape)
+                return statement
+        statement = make()
+        with self._lock:
+            self._statements[shape] = statement
+            while len(self._statements) > self._capacity:
+                self._statements.popitem(last=False)
+        return statement
+
+
+_STATEMENTS = _Statements()
+
+
+def _where(rule: _Rule) -> ColumnElement[bool]:
+    """The rule's condition on bind parameters v0, v1, ... (see `_values`)."""
+    return rule.build(
+        *(bindparam(f"v{n}", expanding=isinstance(v, list)) for n, v in enumerate(rule.values))
+    )
+
+
+def _values(rule: _Rule) -> dict[str, object]:
+    """The rule's values, by the names `_where` gave their parameters."""
+    return {f"v{n}": value for n, value in enumerate(rule.values)}
 
 
 def _joined(statement: Select, level: QueryLevel) -> Select:
@@ -247,22 +351,35 @@ def _joined(statement: Select, level: QueryLevel) -> Select:
     return statement
 
 
-def _select(query: Query, viewer: Viewer) -> Select:
+def _select(query: Query, viewer: Viewer) -> tuple[Executable, dict[str, object]]:
+    """The search's statement (shared by every search of its shape) and its parameters."""
     level = query.level
-    columns = [
-        attribute.column.label(keyword)
+    returned = tuple(
+        keyword
         for keyword, attribute in ATTRIBUTES.items()
         if attribute.level <= level and (keyword in query.keys or keyword == UNIQUE_KEYS[level])
-    ]
-    table = _TABLES[level]
-    statement = _joined(select(table.id.label("pk"), *columns), level)
-    # A patient (or study) appears once, however many rows below it matched.
-    statement = statement.where(_conditions(query, viewer)).distinct().order_by(table.id)
-    if query.offset:
-        statement = statement.offset(query.offset)
-    if query.limit is not None:
-        statement = statement.limit(query.limit)
-    return statement
+    )
+    rule = _conditions(query, viewer)
+    paging = (query.offset > 0, query.limit is not None)
+
+    def make() -> Executable:
+        columns = [ATTRIBUTES[keyword].column.label(keyword) for keyword in returned]
+        table = _TABLES[level]
+        statement = _joined(select(table.id.label("pk"), *columns), level)
+        # A patient (or study) appears once, however many rows below it matched.
+        statement = statement.where(_where(rule)).distinct().order_by(table.id)
+        if paging[0]:
+            statement = statement.offset(bindparam("offset", type_=Integer))
+        if paging[1]:
+            statement = statement.limit(bindparam("limit", type_=Integer))
+        return statement
+
+    params = _values(rule)
+    if paging[0]:
+        params["offset"] = query.offset
+    if paging[1]:
+        params["limit"] = query.limit
+    return _STATEMENTS.get(("search", level, returned, rule.shape, paging), make), params
 
 
 @dataclass(frozen=True)
@@ -281,30 +398,37 @@ class Located:
 def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
     """Every stored instance below the matches of `query`: what C-MOVE, C-GET and WADO-RS
     send, found with the same matching and the same access rule as a search."""
-    statement = _joined(
-        select(
-            Instance.sop_class_uid,
-            Instance.sop_instance_uid,
-            Instance.transfer_syntax_uid,
-            Instance.object_key,
-            Instance.size,
-            Study.study_instance_uid,
-            Series.series_instance_uid,
-        ),
-        QueryLevel.IMAGE,
-    ).where(_conditions(query, viewer))
-    statement = statement.order_by(Series.id, Instance.instance_number, Instance.id)
+    rule = _conditions(query, viewer)
+
+    def make() -> Executable:
+        statement = _joined(
+            select(
+                Instance.sop_class_uid,
+                Instance.sop_instance_uid,
+                Instance.transfer_syntax_uid,
+                Instance.object_key,
+                Instance.size,
+                Study.study_instance_uid,
+                Series.series_instance_uid,
+            ),
+            QueryLevel.IMAGE,
+        )
+        return statement.where(_where(rule)).order_by(
+            Series.id, Instance.instance_number, Instance.id
+        )
+
+    statement = _STATEMENTS.get(("locate", rule.shape), make)
     with index.engine.connect() as connection:
-        return [Located(*row) for row in connection.execute(statement)]
+        return [Located(*row) for row in connection.execute(statement, _values(rule))]
 
 
 def search(index: Index, query: Query, viewer: Viewer) -> list[Match]:
     """Every visible match of `query`, with the requested keys and the level's unique key."""
-    statement = _select(query, viewer)
+    statement, params = _select(query, viewer)
     # Core, not the ORM session: these are plain selects, and the ORM's execution layer
     # took 40 % of a search's time.
     with index.engine.connect() as connection:
-        rows = connection.execute(statement).mappings().all()
+        rows = connection.execute(statement, params).mappings().all()
         pks = [row["pk"] for row in rows]
         matches: list[Match] = [{k: v for k, v in row.items() if k != "pk"} for row in rows]
         computed = [k for k in query.keys if k in COMPUTED and COMPUTED[k] == query.level]
@@ -313,27 +437,37 @@ def search(index: Index, query: Query, viewer: Viewer) -> list[Match]:
     return matches
 
 
+# Counts below each match, per level; `pks` an expanding parameter.
+_STUDY_COUNTS = (
+    # One statement for all three study keys: counts per study and modality, summed per
+    # study (a series has one modality, so its count is never split).
+    select(
+        Series.study_pk,
+        Series.modality,
+        func.count(distinct(Series.id)),
+        func.count(Instance.id),
+    )
+    .select_from(Series)
+    .outerjoin(Instance)
+    .where(Series.study_pk.in_(bindparam("pks", expanding=True)))
+    .group_by(Series.study_pk, Series.modality)
+    .order_by(Series.study_pk, Series.modality)
+)
+_SERIES_COUNTS = (
+    select(Instance.series_pk, func.count(Instance.id))
+    .where(Instance.series_pk.in_(bindparam("pks", expanding=True)))
+    .group_by(Instance.series_pk)
+)
+
+
 def _add_computed(connection: Connection, query, viewer, pks, matches, computed) -> None:
     level = query.level
-    own_or_all = visible_to(viewer, query.keys)
     if level == ST:
-        # One statement for all three: counts per study and modality, summed per study
-        # below (a series has one modality, so its count is never split).
         series: dict[int, int] = {}
         instances: dict[int, int] = {}
         modalities: dict[int, list[str]] = {}
         for study_pk, modality, series_count, instance_count in connection.execute(
-            select(
-                Series.study_pk,
-                Series.modality,
-                func.count(distinct(Series.id)),
-                func.count(Instance.id),
-            )
-            .select_from(Series)
-            .outerjoin(Instance)
-            .where(Series.study_pk.in_(pks))
-            .group_by(Series.study_pk, Series.modality)
-            .order_by(Series.study_pk, Series.modality)
+            _STUDY_COUNTS, {"pks": pks}
         ):
             series[study_pk] = series.get(study_pk, 0) + series_count
             instances[study_pk] = instances.get(study_pk, 0) + instance_count
@@ -348,34 +482,36 @@ def _add_computed(connection: Connection, query, viewer, pks, matches, computed)
             for keyword in computed:
                 match[keyword] = values[keyword]
     elif level == SE:
-        counts = dict(
-            connection.execute(
-                select(Instance.series_pk, func.count(Instance.id))
-                .where(Instance.series_pk.in_(pks))
-                .group_by(Instance.series_pk)
-            ).all()
-        )
+        counts = dict(connection.execute(_SERIES_COUNTS, {"pks": pks}).all())
         for pk, match in zip(pks, matches, strict=True):
             match["NumberOfSeriesRelatedInstances"] = counts.get(pk, 0)
     elif level == P:
-        studies = _patient_counts(connection, pks, own_or_all, distinct(Study.id), Study)
-        series = _patient_counts(connection, pks, own_or_all, distinct(Series.id), Series)
-        instances = _patient_counts(connection, pks, own_or_all, distinct(Instance.id), Instance)
+        visible = visible_to(viewer, query.keys)
+        counts = {
+            keyword: _patient_counts(connection, pks, visible, table)
+            for keyword, table in (
+                ("NumberOfPatientRelatedStudies", Study),
+                ("NumberOfPatientRelatedSeries", Series),
+                ("NumberOfPatientRelatedInstances", Instance),
+            )
+        }
         for pk, match in zip(pks, matches, strict=True):
-            values = {
-                "NumberOfPatientRelatedStudies": studies.get(pk, 0),
-                "NumberOfPatientRelatedSeries": series.get(pk, 0),
-                "NumberOfPatientRelatedInstances": instances.get(pk, 0),
-            }
             for keyword in computed:
-                match[keyword] = values[keyword]
+                match[keyword] = counts[keyword].get(pk, 0)
 
 
-def _patient_counts(connection: Connection, pks, visible, counted, table) -> dict[int, int]:
-    statement = select(Study.patient_pk, func.count(counted)).select_from(Study)
-    if table in (Series, Instance):
-        statement = statement.join(Series)
-    if table is Instance:
-        statement = statement.join(Instance)
-    statement = statement.where(Study.patient_pk.in_(pks), visible).group_by(Study.patient_pk)
-    return dict(connection.execute(statement).all())
+def _patient_counts(connection: Connection, pks, visible: _Rule, table) -> dict[int, int]:
+    """Studies, series or instances (`table`) of each patient the viewer may see."""
+
+    def make() -> Executable:
+        statement = select(Study.patient_pk, func.count(distinct(table.id))).select_from(Study)
+        if table in (Series, Instance):
+            statement = statement.join(Series)
+        if table is Instance:
+            statement = statement.join(Instance)
+        return statement.where(
+            Study.patient_pk.in_(bindparam("pks", expanding=True)), _where(visible)
+        ).group_by(Study.patient_pk)
+
+    statement = _STATEMENTS.get(("patient counts", table.__tablename__, visible.shape), make)
+    return dict(connection.execute(statement, {"pks": pks, **_values(visible)}).all())

@@ -183,6 +183,51 @@ def test_patient_root_levels_with_pynetdicom_and_bad_levels(region, with_move: b
     ]
 
 
+@pytest.mark.parametrize("with_move", [False, True], ids=["find-only", "find-and-move"])
+def test_names_in_another_character_set(archive: RunningArchive, tmp_path, with_move) -> None:
+    """A patient's name in Chinese (ISO_IR 192, as the region's hospitals send it) is
+    matched by wildcard and comes back as stored, whichever acceptor serves the
+    association; so does an identifier carrying a sequence."""
+    from tests.test_cstore import run_storescu, small_ct, wait_drained, write
+
+    ds = small_ct(seed="utf8-name")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "张^三"
+    ds.PatientID = "CN1"
+    result = run_storescu(archive, str(write(ds, tmp_path / "cn.dcm")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_drained(archive)
+
+    ae = AE(ae_title="ANYONE")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    if with_move:
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", archive.dicom_port, ae_title=archive.ae_title)
+    try:
+        assert assoc.is_established
+        by_name = Dataset()
+        by_name.SpecificCharacterSet = "ISO_IR 192"
+        by_name.QueryRetrieveLevel = "STUDY"
+        by_name.PatientName = "张*"
+        by_name.PatientID = ""
+        by_id = Dataset()
+        by_id.QueryRetrieveLevel = "STUDY"
+        by_id.PatientID = "CN1"
+        by_id.PatientName = ""
+        by_id.ReferencedStudySequence = []
+        for identifier in (by_name, by_id):
+            responses = list(
+                assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+            )
+            assert [s.Status for s, _ in responses] == [0xFF00, 0x0000]
+            answer = responses[0][1]
+            assert (answer.PatientID, str(answer.PatientName)) == ("CN1", "张^三")
+        assoc.release()
+    finally:
+        ae.shutdown()
+
+
 def _index_a_large_series(archive: RunningArchive, count: int) -> tuple[str, str]:
     """`count` instances of one series written straight into the archive's index (C-FIND
     reads nothing else), sent by the institution `--open` callers belong to."""
@@ -257,3 +302,15 @@ def test_c_cancel_stops_the_responses(archive: RunningArchive) -> None:
         "NumberOfSeriesRelatedInstances",
     )
     assert [i["NumberOfSeriesRelatedInstances"] for i in images] == ["20000"]
+    # The audit trail counts what was sent before the cancel, not what matched.
+    connection = sqlite3.connect(f"file:{archive.data_dir / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        [(outcome, instances, detail)] = connection.execute(
+            "SELECT outcome, instances, detail FROM audit_events "
+            "WHERE action = 'query' AND resource LIKE 'IMAGE %'"
+        ).fetchall()
+    finally:
+        connection.close()
+    assert outcome == "partial"
+    assert instances == pending
+    assert detail == f"cancelled after {pending} of 20000"

@@ -6,6 +6,7 @@ from io import BytesIO
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, JPEG2000Lossless
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
@@ -135,3 +136,55 @@ def test_encodes_a_c_find_response_as_pydicom_reads_it(
         # Byte for byte what pydicom writes for the same elements.
         expected = encode(find.dataset_of(RESPONSE), implicit, little_endian)
         assert data == expected
+
+
+def _identifier() -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = "P1"
+    ds.PatientName = "Doe^J*"
+    ds.StudyDate = "20240101-20241231"
+    ds.StudyInstanceUID = "1.2.3\\1.2.4"
+    ds.ModalitiesInStudy = ""
+    ds.Rows = None
+    return ds
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-le", "explicit-le"])
+def test_reads_a_flat_c_find_identifier_as_pydicom_does(implicit: bool) -> None:
+    data = encode(_identifier(), implicit, True)
+    keys = commands.decode_identifier(data, implicit)
+    assert keys == find.requested(decode(BytesIO(data), implicit, True))
+    assert [(k.tag, k.VR, k.value) for k in keys] == [
+        (0x00080020, "DA", "20240101-20241231"),
+        (0x00080052, "CS", "STUDY"),
+        (0x00080061, "CS", None),
+        (0x00100010, "PN", "Doe^J*"),
+        (0x00100020, "LO", "P1"),
+        (0x0020000D, "UI", "1.2.3\\1.2.4"),
+        (0x00280010, "US", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["sequence", "non-ascii", "binary value", "truncated"],
+)
+def test_leaves_any_other_identifier_to_pydicom(change: str) -> None:
+    ds = _identifier()
+    if change == "sequence":
+        ds.ReferencedStudySequence = [Dataset()]
+    elif change == "non-ascii":
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "张^*"
+    elif change == "binary value":
+        ds.Rows = 512
+    data = encode(ds, False, True)
+    if change == "truncated":
+        data = data[:-3]
+    assert commands.decode_identifier(data, False) is None
+    if change != "truncated":
+        keys = find.requested(decode(BytesIO(data), False, True))
+        assert {k.tag: k.value for k in keys}[0x00100020] == "P1"
+    if change == "non-ascii":
+        assert {k.tag: k.value for k in keys}[0x00100010] == "张^*"

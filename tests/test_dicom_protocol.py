@@ -14,8 +14,9 @@ import time
 from io import BytesIO
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -171,3 +172,43 @@ def test_a_sender_vanishing_mid_data_set_leaves_nothing_behind(
         assert assoc.send_c_store(path).Status == 0x0000
     stored, _ = before.added()
     assert list(stored) == [key_of(path)]
+
+
+@pytest.mark.parametrize(
+    "contexts",
+    [CT_CONTEXT, [*CT_CONTEXT, (ModalityPerformedProcedureStep, ExplicitVRLittleEndian)]],
+    ids=["lean-acceptor", "pynetdicom"],
+)
+def test_a_data_set_on_another_sop_class_context_is_refused(
+    shared_archive: RunningArchive,  # noqa: F811
+    s3_server,
+    tmp_path: Path,
+    contexts: list[tuple[str, str]],
+) -> None:
+    """An MR image sent on the presentation context negotiated for CT gets 0xA900 saying
+    so, and is not stored; the association goes on."""
+    archive = shared_archive
+    ds = small_ct(seed="wrong-context")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    path = write(ds, tmp_path / "mr-on-ct.dcm")
+    before = Snapshot(archive, s3_server)
+    with associated(archive, contexts, calling_ae="WRONGCX") as assoc:
+        [ct_context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage]
+        # Pause pynetdicom's reactor, as its own send_c_* methods do, so the response
+        # waits for us.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        try:
+            for pdu in _store_request_pdus(path, ct_context.context_id, 16_384):
+                assoc.dul.socket.socket.sendall(pdu)
+            _, response = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert response.Status == 0xA900
+        assert response.ErrorComment.startswith(f"presentation context is for {CTImageStorage}")
+        # The same association still stores what belongs on the context.
+        right = write(small_ct(seed=f"right-context-{len(contexts)}"), tmp_path / "ct.dcm")
+        assert assoc.send_c_store(right).Status == 0x0000
+    stored, _ = before.added()
+    assert len(stored) == 1

@@ -206,3 +206,29 @@ def test_a_configured_regional_identifier_recognises_without_the_issuer(region: 
     assert studies(region, Viewer("south", regional_issuer="NATIONAL"), PatientID="P1") == ["3.4"]
     # An explicit issuer still works as before.
     assert studies(region, regional, PatientID="Z9", IssuerOfPatientID="REGION") == ["3.3"]
+
+
+def test_searches_of_one_shape_share_a_statement_not_its_values(region: Index) -> None:
+    """Searches that differ only in their values (or in who asks) run one statement, built
+    once for their shape: each is still answered with its own values."""
+    for dates, expected in (
+        ("20250101-20251231", ["3.2"]),
+        ("20261101-20261231", [STUDY, "3.3"]),
+        ("20250701-20251231", []),
+    ):
+        assert studies(region, NORTH, StudyDate=dates) == expected
+    assert studies(region, NORTH, StudyInstanceUID="3.3\\3.9") == ["3.3"]
+    listed = f"3.2\\3.3\\3.9\\{STUDY}"
+    assert studies(region, NORTH, StudyInstanceUID=listed) == [STUDY, "3.2", "3.3"]
+    assert studies(region, NORTH, PatientName="*") == [STUDY, "3.2", "3.3"]
+    assert studies(region, SOUTH, PatientName="*") == ["3.4", "3.5"]
+    pages = [
+        search(region, Query(QueryLevel.STUDY, {"StudyInstanceUID": ""}, limit=1, offset=n), NORTH)
+        for n in range(4)
+    ]
+    assert [[m["StudyInstanceUID"] for m in page] for page in pages] == [
+        [STUDY],
+        ["3.2"],
+        ["3.3"],
+        [],
+    ]

@@ -39,7 +39,9 @@ class Services:
         return Viewer(caller.institution, self.regional_issuer)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """Async, though it never waits: FastAPI runs a plain function dependency in its thread
+    pool, a thread hand-off per request for an attribute lookup."""
     return request.app.state.services
 
 
