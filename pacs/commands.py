@@ -200,6 +200,9 @@ TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
     | {"UR", "UT"}
 )
+# PS3.5 6.2: every VR (an implicit VR identifier's dictionary may give "US or SS" and
+# the like, which only pydicom resolves).
+_KNOWN_VRS = TEXT_VRS | _LONG_VRS | {"AT", "FD", "FL", "SL", "SS", "UL", "US"}
 _TAG = struct.Struct("<HH")
 _UL = struct.Struct("<L")
 
@@ -212,12 +215,19 @@ def dictionary_vr(tag: int) -> str:
         return "UN"
 
 
+def plain_text(value: bytes) -> bool:
+    """ASCII without escape sequences: text that reads the same in every character set
+    (ISO 2022 encodings are ASCII bytes too, with ESC switching to other sets)."""
+    return value.isascii() and b"\x1b" not in value
+
+
 def decode_identifier(data: bytes, implicit: bool) -> list[Element] | None:
-    """A Little Endian identifier's elements, values as text, when it is flat ASCII text
+    """A Little Endian identifier's elements, values as text, when it is flat plain text
     (empty elements of any VR included); None when it holds anything else (a sequence,
-    a binary value, another character set), which the caller reads with pydicom."""
+    an item, a binary value, another character set, an unknown VR, elements out of tag
+    order), which the caller reads with pydicom."""
     elements = []
-    position, end = 0, len(data)
+    position, end, previous = 0, len(data), -1
     while position < end:
         if position + 8 > end:
             return None
@@ -239,13 +249,16 @@ def decode_identifier(data: bytes, implicit: bool) -> list[Element] | None:
                 position += 8
         if length == 0xFFFFFFFF or position + length > end:
             return None
+        if tag <= previous or group == 0xFFFE or vr not in _KNOWN_VRS:
+            return None
+        previous = tag
         value = data[position : position + length]
         position += length
         if number == 0x0000:
             continue  # a group length: says nothing about the query
         if not value and vr != "SQ":
             elements.append(Element(tag, vr, None))
-        elif vr in TEXT_VRS and value.isascii():
+        elif vr in TEXT_VRS and plain_text(value):
             elements.append(Element(tag, vr, value.decode("ascii").rstrip(" \x00")))
         else:
             return None

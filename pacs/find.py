@@ -15,7 +15,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from pacs.commands import TEXT_VRS, Element, dictionary_vr
+from pacs.commands import TEXT_VRS, Element, dictionary_vr, plain_text
 from pacs.statuses import ERROR_COMMENT_LENGTH
 from storage import audit
 from storage.query import ATTRIBUTES, COMPUTED, InvalidQuery, Query, QueryLevel, search
@@ -64,7 +64,7 @@ def requested(identifier: Dataset) -> list[Element]:
         tag = int(element.tag)
         vr = element.VR or dictionary_vr(tag)
         value = element.value
-        if isinstance(value, bytes) and vr in TEXT_VRS and value.isascii():
+        if isinstance(value, bytes) and vr in TEXT_VRS and plain_text(value):
             text = value.decode("ascii").rstrip(" \x00")
         else:
             try:
@@ -121,8 +121,8 @@ def response_of(
     }
     for key in keys:
         keyword = _KEYWORDS.get(key.tag) or keyword_for_tag(key.tag)
-        if not keyword or keyword in _SKIPPED:
-            continue
+        if not keyword or keyword in _SKIPPED or key.tag >> 16 == 0xFFFE:
+            continue  # unknown tags and stray items are not echoed
         if keyword in _TAG_VR:
             tag, vr = _TAG_VR[keyword]
             answer[tag] = Element(tag, vr, _text(match.get(keyword)))
@@ -200,12 +200,15 @@ def find(
 
 def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Dataset | None]]:
     """EVT_C_FIND, for associations pynetdicom serves."""
+    tally = context.tally(event.assoc)
+    try:
+        keys = requested(event.identifier)
+    except InvalidQuery as exc:
+        context.record(tally, "query", audit.FAILED, detail=str(exc))
+        yield UNABLE_TO_PROCESS, failure(str(exc))
+        return
     for status, payload in find(
-        context,
-        context.tally(event.assoc),
-        requested(event.identifier),
-        str(event.request.AffectedSOPClassUID),
-        lambda: event.is_cancelled,
+        context, tally, keys, str(event.request.AffectedSOPClassUID), lambda: event.is_cancelled
     ):
         if isinstance(payload, list):
             yield status, dataset_of(payload)

@@ -504,7 +504,12 @@ def _patient_counts(connection: Connection, pks, visible: _Rule, table) -> dict[
     """Studies, series or instances (`table`) of each patient the viewer may see."""
 
     def make() -> Executable:
-        statement = select(Study.patient_pk, func.count(distinct(table.id))).select_from(Study)
+        # Patient joined for the access rule, which may test the patient's issuer.
+        statement = (
+            select(Study.patient_pk, func.count(distinct(table.id)))
+            .select_from(Study)
+            .join(Patient, Study.patient_pk == Patient.id)
+        )
         if table in (Series, Instance):
             statement = statement.join(Series)
         if table is Instance:

@@ -166,25 +166,37 @@ def test_reads_a_flat_c_find_identifier_as_pydicom_does(implicit: bool) -> None:
     ]
 
 
+# An empty element appended after the identifier's last one (PatientID, Rows...).
+_ITEM_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_UNKNOWN_VR = b"\x28\x00\x10\x00XX\x00\x00"
+
+
 @pytest.mark.parametrize(
     "change",
-    ["sequence", "non-ascii", "binary value", "truncated"],
+    ["sequence", "utf-8", "iso-2022", "binary value", "truncated", "item", "unknown VR"],
 )
 def test_leaves_any_other_identifier_to_pydicom(change: str) -> None:
     ds = _identifier()
     if change == "sequence":
         ds.ReferencedStudySequence = [Dataset()]
-    elif change == "non-ascii":
+    elif change == "utf-8":
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.PatientName = "张^*"
+    elif change == "iso-2022":
+        # Japanese in ISO 2022: every byte is ASCII, escape sequences switch the set.
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = "Yamada^Tarou=山田^太郎"
     elif change == "binary value":
         ds.Rows = 512
     data = encode(ds, False, True)
     if change == "truncated":
         data = data[:-3]
+    elif change == "item":
+        data = data + _ITEM_DELIMITER
+    elif change == "unknown VR":
+        data = data[: data.index(b"\x28\x00\x10\x00")] + _UNKNOWN_VR
     assert commands.decode_identifier(data, False) is None
-    if change != "truncated":
-        keys = find.requested(decode(BytesIO(data), False, True))
-        assert {k.tag: k.value for k in keys}[0x00100020] == "P1"
-    if change == "non-ascii":
-        assert {k.tag: k.value for k in keys}[0x00100010] == "张^*"
+    if change in ("sequence", "utf-8", "iso-2022", "binary value"):
+        keys = {k.tag: k.value for k in find.requested(decode(BytesIO(data), False, True))}
+        assert keys[0x00100020] == "P1"
+        assert keys[0x00100010] == str(ds.PatientName)

@@ -206,6 +206,20 @@ def test_a_configured_regional_identifier_recognises_without_the_issuer(region: 
     assert studies(region, Viewer("south", regional_issuer="NATIONAL"), PatientID="P1") == ["3.4"]
     # An explicit issuer still works as before.
     assert studies(region, regional, PatientID="Z9", IssuerOfPatientID="REGION") == ["3.3"]
+    # A patient's counts cover what the identifier makes visible, nothing more: all of
+    # P1's studies, but of L5 (a local identifier, seen at both hospitals) only south's.
+    for n, institution in enumerate(("north", "south")):
+        local = header(f"1.9.{n}", study=f"3.9.{n}", series=f"2.9.{n}", patient_id="L5")
+        put(region, replace(local, issuer_of_patient_id="LOCAL"), institution)
+    counts = {"NumberOfPatientRelatedStudies": "", "NumberOfPatientRelatedInstances": ""}
+    for patient_id, expected in (("P1", (3, 6)), ("L5", (1, 1))):
+        [patient] = search(
+            region, Query(QueryLevel.PATIENT, {"PatientID": patient_id, **counts}), regional
+        )
+        assert (
+            patient["NumberOfPatientRelatedStudies"],
+            patient["NumberOfPatientRelatedInstances"],
+        ) == expected
 
 
 def test_searches_of_one_shape_share_a_statement_not_its_values(region: Index) -> None:
