@@ -3,16 +3,19 @@ as clients, match counts and returned keys checked, and what each hospital may s
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -92,20 +95,35 @@ def test_result_recognition_through_the_exact_patient_identifier(region) -> None
     assert [r["StudyInstanceUID"] for r in found] == [studies["C"]]
 
 
-@pytest.mark.parametrize("with_move", [False, True], ids=["find-only", "find-and-move"])
-def test_patient_root_levels_with_pynetdicom_and_bad_levels(region, with_move: bool) -> None:
-    """The same answers whichever acceptor serves the association: the lean one takes
-    query-only associations, pynetdicom those that also propose retrieval."""
-    archive, studies = region
-    ae = AE(ae_title="NORTHCT")
+@contextlib.contextmanager
+def querying(
+    archive: RunningArchive, calling_ae: str, with_move: bool, *models: str
+) -> Iterator[Association]:
+    """A pynetdicom association proposing Study Root FIND and `models`, and Study Root MOVE
+    too `with_move`: then pynetdicom serves it, else the lean acceptor."""
+    ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    for model in (*models, StudyRootQueryRetrieveInformationModelFind):
+        ae.add_requested_context(model)
     if with_move:
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", archive.dicom_port, ae_title=archive.ae_title)
     try:
         assert assoc.is_established
+        yield assoc
+        assoc.release()
+    finally:
+        ae.shutdown()
+
+
+@pytest.mark.parametrize("with_move", [False, True], ids=["find-only", "find-and-move"])
+def test_patient_root_levels_with_pynetdicom_and_bad_levels(region, with_move: bool) -> None:
+    """The same answers whichever acceptor serves the association: the lean one takes
+    query-only associations, pynetdicom those that also propose retrieval."""
+    archive, studies = region
+    with querying(
+        archive, "NORTHCT", with_move, PatientRootQueryRetrieveInformationModelFind
+    ) as assoc:
 
         def ask(model, **keys) -> tuple[list[Dataset], int]:
             identifier = Dataset()
@@ -162,9 +180,6 @@ def test_patient_root_levels_with_pynetdicom_and_bad_levels(region, with_move: b
         assert status == 0x0000
         assert [str(s.StudyInstanceUID) for s in listed] == [studies["A"]]
         assert assoc.is_established
-        assoc.release()
-    finally:
-        ae.shutdown()
 
     connection = sqlite3.connect(f"file:{archive.data_dir / 'index.sqlite3'}?mode=ro", uri=True)
     try:
@@ -198,14 +213,7 @@ def test_names_in_another_character_set(archive: RunningArchive, tmp_path, with_
     assert result.returncode == 0, result.stdout + result.stderr
     wait_drained(archive)
 
-    ae = AE(ae_title="ANYONE")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    if with_move:
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", archive.dicom_port, ae_title=archive.ae_title)
-    try:
-        assert assoc.is_established
+    with querying(archive, "ANYONE", with_move) as assoc:
         by_name = Dataset()
         by_name.SpecificCharacterSet = "ISO_IR 192"
         by_name.QueryRetrieveLevel = "STUDY"
@@ -223,9 +231,6 @@ def test_names_in_another_character_set(archive: RunningArchive, tmp_path, with_
             assert [s.Status for s, _ in responses] == [0xFF00, 0x0000]
             answer = responses[0][1]
             assert (answer.PatientID, str(answer.PatientName)) == ("CN1", "张^三")
-        assoc.release()
-    finally:
-        ae.shutdown()
 
 
 def _index_a_large_series(archive: RunningArchive, count: int) -> tuple[str, str]:
