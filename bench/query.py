@@ -527,8 +527,12 @@ def explain(url: str, probes: list[Probe]) -> dict[str, list[str]]:
                 )
                 keys.update(probe.match)
                 query = Query(QueryLevel[probe.level], keys)
-                statement = _select(query, Viewer(bigindex.OPEN_INSTITUTION))
-                sql = str(statement.compile(index.engine, compile_kwargs={"literal_binds": True}))
+                statement, params = _select(query, Viewer(bigindex.OPEN_INSTITUTION))
+                sql = str(
+                    statement.params(params).compile(
+                        index.engine, compile_kwargs={"literal_binds": True}
+                    )
+                )
                 prefix = "EXPLAIN QUERY PLAN " if index.is_sqlite else "EXPLAIN ANALYZE "
                 rows = connection.execute(text(prefix + sql)).all()
                 if index.is_sqlite:

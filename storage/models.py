@@ -41,6 +41,7 @@ class Patient(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(LO, default="")
     issuer_of_patient_id: Mapped[str] = mapped_column(LO, default="")
+    # Indexed for case-insensitive search in a form per database (migration 0003).
     patient_name: Mapped[str] = mapped_column(PN, default="")
     patient_birth_date: Mapped[date | None] = mapped_column(Date)
     patient_sex: Mapped[str] = mapped_column(CS, default="")

@@ -24,6 +24,7 @@ from datetime import date
 
 from sqlalchemy import (
     BindParameter,
+    Boolean,
     ColumnElement,
     Connection,
     Executable,
@@ -37,6 +38,8 @@ from sqlalchemy import (
     select,
     true,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from storage.index import Index
 from storage.models import Instance, Patient, Series, Study
@@ -195,6 +198,52 @@ def visible_to(viewer: Viewer, keys: Mapping[str, str]) -> _Rule:
     return own
 
 
+class NameLike(FunctionElement[bool]):
+    """`column LIKE pattern` without regard to case (`pattern` already lowered), written
+    the way each database answers it from the patient name index (migration 0003)."""
+
+    type = Boolean()
+    inherit_cache = True
+    # A condition as it stands: without this, SQLAlchemy writes `... = 1` on databases
+    # without a boolean type, and SQLite cannot use the index for that.
+    _is_implicitly_boolean = True
+
+
+class NameEquals(FunctionElement[bool]):
+    """`column = value` without regard to case (`value` already lowered), likewise."""
+
+    type = Boolean()
+    inherit_cache = True
+    _is_implicitly_boolean = True
+
+
+@compiles(NameLike)
+def _lowered_like(element: NameLike, compiler, **kw) -> str:
+    column, pattern = element.clauses
+    return compiler.process(func.lower(column).like(pattern, escape="\\"), **kw)
+
+
+@compiles(NameLike, "sqlite")
+def _nocase_like(element: NameLike, compiler, **kw) -> str:
+    # SQLite's LIKE ignores ASCII case, as its lower() folds only ASCII: the same matches.
+    # unlikely(): without table statistics SQLite guesses a LIKE selects much and scans
+    # studies in order instead of the name index (55 ms instead of 0.2 at 100,000 studies).
+    column, pattern = element.clauses
+    return compiler.process(func.unlikely(column.like(pattern, escape="\\")), **kw)
+
+
+@compiles(NameEquals)
+def _lowered_equals(element: NameEquals, compiler, **kw) -> str:
+    column, value = element.clauses
+    return compiler.process(func.lower(column) == value, **kw)
+
+
+@compiles(NameEquals, "sqlite")
+def _nocase_equals(element: NameEquals, compiler, **kw) -> str:
+    column, value = element.clauses
+    return compiler.process(column.collate("NOCASE") == value, **kw)
+
+
 def _like(pattern: str) -> str:
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%").replace("?", "_")
@@ -252,13 +301,11 @@ def _single(attribute: _Attribute, keyword: str, value: str) -> _Rule:
     if any(w in value for w in _WILDCARDS):
         if kind is Kind.NAME:
             return _Rule(
-                ("name like", keyword),
-                (_like(value.lower()),),
-                lambda p: func.lower(column).like(p, escape="\\"),
+                ("name like", keyword), (_like(value.lower()),), lambda p: NameLike(column, p)
             )
         return _Rule(("like", keyword), (_like(value),), lambda p: column.like(p, escape="\\"))
     if kind is Kind.NAME:
-        return _Rule(("name =", keyword), (value.lower(),), lambda n: func.lower(column) == n)
+        return _Rule(("name =", keyword), (value.lower(),), lambda n: NameEquals(column, n))
     return _Rule(("=", keyword), (value,), lambda v: column == v)
 
 
