@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from viewer_api.deps import Services
-from viewer_api.routes import audit, health, metrics, qido, stow, wado
+from viewer_api.routes import audit, health, metrics, qido, rendered, stow, wado
 
 
 def create_app(services: Services) -> FastAPI:
@@ -19,6 +19,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(qido.router)
     app.include_router(wado.router)
+    app.include_router(rendered.router)
     app.include_router(stow.router)
     app.include_router(audit.router)
     return app

@@ -15,7 +15,7 @@ from storage.audit import AuditEntry, AuditLog
 from storage.header import valid_uid
 from storage.index import Index, IndexUnavailable
 from storage.objects import ObjectStore
-from storage.query import Viewer
+from storage.query import Located, Query, QueryLevel, Viewer, locate
 from storage.registry import DEFAULT_INSTITUTION, SCOPES, Caller, Registry
 from storage.spool import Spool
 
@@ -145,3 +145,39 @@ def requires(scope: str) -> Callable:
 
 ReadCaller = Annotated[Caller, Depends(requires("read"))]
 IngestCaller = Annotated[Caller, Depends(requires("ingest"))]
+
+
+_IDENTIFIER_PARAMETERS = ("PatientID", "IssuerOfPatientID")
+
+
+def visible_instances(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str]
+) -> list[Located]:
+    """The stored instances a study, series or instance path names, as `storage.query.locate`
+    finds them for this caller (the rule C-MOVE and C-GET use): another institution's study
+    needs the patient identifier, given as the query parameters `PatientID` and
+    `IssuerOfPatientID`. None visible is a 404, exactly as if none existed. Audited."""
+    path_uids(uids)
+    keys = dict(uids)
+    for name in _IDENTIFIER_PARAMETERS:
+        if name in request.query_params:
+            keys[name] = request.query_params[name]
+    level = (
+        QueryLevel.IMAGE
+        if "SOPInstanceUID" in uids
+        else QueryLevel.SERIES
+        if "SeriesInstanceUID" in uids
+        else QueryLevel.STUDY
+    )
+    found = locate(services.index, Query(level, keys), services.viewer(caller))
+    record_for(
+        services,
+        caller,
+        "retrieve",
+        audit.OK if found else audit.FAILED,
+        resource=f"WADO {request.url.path}",
+        instances=len(found),
+    )
+    if not found:
+        raise HTTPException(404, f"no such {level.name.lower()} visible to this key")
+    return found

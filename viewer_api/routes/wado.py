@@ -1,10 +1,8 @@
 """WADO-RS (PS3.18 10.4): a study, series or instance as multipart/related application/dicom,
 streamed from the bucket as stored; `/metadata` as DICOM JSON from the per-series cache.
 
-What may be retrieved is decided by `storage.query.locate`, the rule C-MOVE and C-GET use:
-another institution's study needs the patient identifier, given here as the query
-parameters `PatientID` and `IssuerOfPatientID`. Anything not visible is a 404, exactly as
-if it did not exist.
+What may be retrieved is decided by `viewer_api.deps.visible_instances`, the rule C-MOVE
+and C-GET use.
 """
 
 from __future__ import annotations
@@ -18,46 +16,14 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from storage import audit
 from storage.frames import FrameNotFound, read_frames
 from storage.metadata import series_metadata
 from storage.objects import ObjectStore, ObjectStoreUnavailable
-from storage.query import Located, Query, QueryLevel, locate
+from storage.query import Located
 from storage.registry import Caller
-from viewer_api.deps import ReadCaller, Services, ServicesDep, path_uids, record_for
+from viewer_api.deps import ReadCaller, Services, ServicesDep, path_uids, visible_instances
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
-
-_IDENTIFIER_PARAMETERS = ("PatientID", "IssuerOfPatientID")
-
-
-def _located(
-    services: Services, caller: Caller, request: Request, uids: dict[str, str]
-) -> list[Located]:
-    path_uids(uids)
-    keys = dict(uids)
-    for name in _IDENTIFIER_PARAMETERS:
-        if name in request.query_params:
-            keys[name] = request.query_params[name]
-    level = (
-        QueryLevel.IMAGE
-        if "SOPInstanceUID" in uids
-        else QueryLevel.SERIES
-        if "SeriesInstanceUID" in uids
-        else QueryLevel.STUDY
-    )
-    found = locate(services.index, Query(level, keys), services.viewer(caller))
-    record_for(
-        services,
-        caller,
-        "retrieve",
-        audit.OK if found else audit.FAILED,
-        resource=f"WADO {request.url.path}",
-        instances=len(found),
-    )
-    if not found:
-        raise HTTPException(404, f"no such {level.name.lower()} visible to this key")
-    return found
 
 
 def _part_head(boundary: str, content_type: str, length: int) -> bytes:
@@ -80,7 +46,7 @@ def _multipart(objects: ObjectStore, located: list[Located], boundary: str) -> I
 async def _retrieve(
     services: Services, caller: Caller, request: Request, uids: dict[str, str]
 ) -> StreamingResponse:
-    located = await run_in_threadpool(_located, services, caller, request, uids)
+    located = await run_in_threadpool(visible_instances, services, caller, request, uids)
     boundary = secrets.token_hex(16)
     media_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
     return StreamingResponse(_multipart(services.objects, located, boundary), media_type=media_type)
@@ -94,11 +60,11 @@ def _metadata(
         # One instance: its series, found and audited once, filtered to it.
         wanted = {path_uids(uids)["SOPInstanceUID"]}
         series_uids = {k: v for k, v in uids.items() if k != "SOPInstanceUID"}
-        located = _located(services, caller, request, series_uids)
+        located = visible_instances(services, caller, request, series_uids)
         if not any(item.sop_instance_uid in wanted for item in located):
             raise HTTPException(404, "no such image visible to this key")
     else:
-        located = _located(services, caller, request, uids)
+        located = visible_instances(services, caller, request, uids)
         wanted = {item.sop_instance_uid for item in located}
     body: list[dict] = []
     for (study, series), items in groupby(located, key=_series_of):
@@ -149,7 +115,7 @@ async def retrieve_instance(
 def _frames(
     services: Services, caller: Caller, request: Request, uids: dict[str, str], numbers: list[int]
 ) -> tuple[Located, list[bytes]]:
-    [item] = _located(services, caller, request, uids)
+    [item] = visible_instances(services, caller, request, uids)
     try:
         return item, read_frames(services.objects, item, numbers)
     except FrameNotFound as exc:

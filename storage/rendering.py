@@ -1,0 +1,233 @@
+"""Rendering one frame of a stored image for display: the pixel pipeline of PS3.3 C.11
+and PS3.18 8.3.5 (rendered resources), protocol-free.
+
+For each frame: only that frame is decoded (pydicom's `pixel_array(..., index=)` reads the
+header and the frame's bytes, not the whole object); pixel padding is masked; the
+Modality LUT applies (Rescale Slope and Intercept, or a Modality LUT Sequence, taken from
+the frame's functional groups in enhanced objects); then the VOI: the requested window,
+else the VOI LUT Sequence, else the first stored window, else a window over the 0.5th to
+99.5th percentile of the non-padding pixels; MONOCHROME1 is inverted; PALETTE COLOR goes
+through its LUT; YBR is converted to RGB once, by the decoder. Overlays are left off.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from storage.frames import FrameNotFound
+
+# Encodings a rendered resource can be asked for (PS3.18 8.7.4), by media type.
+FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+DEFAULT_QUALITY = 90
+# The percentiles of the non-padding pixels that bound the window when the object has none.
+ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+class Undecodable(ValueError):
+    """The frame's pixel data cannot be decoded (no codec, corrupt stream): a 415-class
+    answer with this reason, never a server error."""
+
+
+class WindowFunction(enum.Enum):
+    """VOI LUT Function (PS3.3 C.11.2.1.3)."""
+
+    LINEAR = "LINEAR"
+    LINEAR_EXACT = "LINEAR_EXACT"
+    SIGMOID = "SIGMOID"
+
+
+@dataclass(frozen=True)
+class Window:
+    """A VOI window on the Modality LUT's output (Hounsfield units for CT)."""
+
+    center: float
+    width: float
+    function: WindowFunction = WindowFunction.LINEAR
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or (self.function is WindowFunction.LINEAR and self.width < 1):
+            raise ValueError(f"window width {self.width} is not positive (at least 1 if linear)")
+
+    def to_grey(self, values: np.ndarray) -> np.ndarray:
+        """Values mapped to 0..255 (PS3.3 C.11.2.1.2 and C.11.2.1.3), as floats."""
+        c, w = self.center, self.width
+        if self.function is WindowFunction.SIGMOID:
+            return 255.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        if self.function is WindowFunction.LINEAR_EXACT:
+            scaled = (values - c) / w + 0.5
+        elif w == 1:
+            scaled = (values > c - 0.5).astype(np.float64)
+        else:
+            scaled = (values - (c - 0.5)) / (w - 1) + 0.5
+        return np.clip(scaled, 0.0, 1.0) * 255.0
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a frame is to be rendered: output format, largest size (aspect kept), window."""
+
+    media_type: str = "image/jpeg"
+    viewport: tuple[int, int] | None = None
+    window: Window | None = None
+    quality: int = DEFAULT_QUALITY
+
+
+def number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def render(source: BinaryIO, number: int, rendering: Rendering) -> bytes:
+    """Frame `number` (1-based) of the Part 10 object in `source` (seekable), rendered.
+
+    FrameNotFound: no image, or no such frame. Undecodable: the frame cannot be decoded."""
+    header = dcmread(source, stop_before_pixels=True)
+    if "Rows" not in header or "PhotometricInterpretation" not in header:
+        raise FrameNotFound("the instance holds no image")
+    count = number_of_frames(header)
+    if not 1 <= number <= count:
+        raise FrameNotFound(f"frame {number} is outside 1..{count}")
+    source.seek(0)
+    try:
+        if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # One compressed stream: pydicom inflates it whole, then takes the frame.
+            pixels = pixel_array(dcmread(source), index=number - 1, raw=False)
+        else:
+            pixels = pixel_array(source, index=number - 1, raw=False)
+    except Exception as exc:  # every codec failure is the same answer: cannot decode
+        syntax = header.file_meta.get("TransferSyntaxUID", "unknown")
+        raise Undecodable(f"frame {number} ({syntax}) cannot be decoded: {exc}") from exc
+    return encode(displayed(header, pixels, number - 1, rendering.window), rendering)
+
+
+def displayed(
+    ds: Dataset, pixels: np.ndarray, index: int, window: Window | None = None
+) -> np.ndarray:
+    """A decoded frame as 8-bit grey (rows, columns) or RGB (rows, columns, 3)."""
+    photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric == "PALETTE COLOR":
+        colours = apply_color_lut(pixels, ds)
+        return _to_8_bits(colours, int(colours.max(initial=0)) > 255)
+    if pixels.ndim == 3:  # RGB, and YBR the decoder already converted
+        return _to_8_bits(pixels, int(ds.get("BitsStored", 8) or 8) > 8)
+    frame = frame_attributes(ds, index)
+    padding = _padding_mask(frame, pixels)
+    modality = apply_modality_lut(pixels, frame)
+    values = modality.astype(np.float64)
+    if window is not None:
+        grey = window.to_grey(values)
+    elif "VOILUTSequence" in frame:
+        lut_output = apply_voi_lut(modality, frame).astype(np.float64)
+        bits = int(frame.VOILUTSequence[0].LUTDescriptor[2] or 16)
+        grey = np.clip(lut_output / float((1 << bits) - 1), 0.0, 1.0) * 255.0
+    else:
+        grey = _stored_or_robust_window(frame, values, padding).to_grey(values)
+    if photometric == "MONOCHROME1":
+        grey = 255.0 - grey
+    grey[padding] = 0.0
+    return np.rint(grey).astype(np.uint8)
+
+
+def frame_attributes(ds: Dataset, index: int) -> Dataset:
+    """The attributes the pipeline reads, for frame `index`: the top level, overridden by
+    the shared and then the frame's own functional groups of an enhanced object."""
+    frame = Dataset()
+    for keyword in (
+        "PhotometricInterpretation",
+        "BitsStored",
+        "PixelRepresentation",
+        "PixelPaddingValue",
+        "PixelPaddingRangeLimit",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "RescaleType",
+        "ModalityLUTSequence",
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "VOILUTSequence",
+    ):
+        if keyword in ds:
+            setattr(frame, keyword, ds[keyword].value)
+    groups = []
+    for sequence in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = ds.get(sequence) or []
+        position = 0 if sequence.startswith("Shared") else index
+        if len(items) > position:
+            groups.append(items[position])
+    for group in groups:
+        for macro in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+            for item in group.get(macro) or []:
+                for element in item:
+                    setattr(frame, element.keyword, element.value)
+    return frame
+
+
+def _padding_mask(frame: Dataset, pixels: np.ndarray) -> np.ndarray:
+    """Pixels that are padding (PS3.3 C.7.5.1.1.2), before the Modality LUT."""
+    if "PixelPaddingValue" not in frame:
+        return np.zeros(pixels.shape, dtype=bool)
+    low = int(frame.PixelPaddingValue)
+    high = int(frame.get("PixelPaddingRangeLimit", low))
+    low, high = min(low, high), max(low, high)
+    return (pixels >= low) & (pixels <= high)
+
+
+def _first(value: object) -> float:
+    """The first of a multi-valued element's values (several windows may be stored)."""
+    return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
+
+
+def _stored_or_robust_window(frame: Dataset, values: np.ndarray, padding: np.ndarray) -> Window:
+    """The first stored window, else one over the bulk of the non-padding pixels."""
+    if "WindowCenter" in frame and "WindowWidth" in frame:
+        function = str(frame.get("VOILUTFunction", "LINEAR") or "LINEAR").strip()
+        try:
+            known = function in WindowFunction.__members__
+            return Window(
+                _first(frame.WindowCenter),
+                _first(frame.WindowWidth),
+                WindowFunction(function) if known else WindowFunction.LINEAR,
+            )
+        except (TypeError, ValueError):
+            pass  # a malformed stored window: fall back to the pixels
+    shown = values[~padding] if padding.any() else values
+    if shown.size == 0:
+        return Window(0.0, 1.0)
+    low, high = np.percentile(shown, ROBUST_PERCENTILES)
+    if high <= low:
+        return Window(float(low), 1.0)
+    return Window((low + high) / 2.0 + 0.5, float(high - low) + 1.0)
+
+
+def _to_8_bits(image: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    if sixteen_bit:
+        return (image.astype(np.uint32) >> 8).astype(np.uint8)
+    return image.astype(np.uint8)
+
+
+def encode(image: np.ndarray, rendering: Rendering) -> bytes:
+    """The 8-bit image in the requested format, shrunk to fit the viewport (aspect kept)."""
+    picture = Image.fromarray(image)
+    if rendering.viewport is not None:
+        picture.thumbnail(rendering.viewport, Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    fmt = FORMATS[rendering.media_type]
+    if fmt == "PNG":
+        picture.save(out, fmt)
+    else:
+        picture.save(out, fmt, quality=rendering.quality)
+    return out.getvalue()

@@ -1,0 +1,293 @@
+"""Rendered images and thumbnails from a running archive: pydicom's test files stored by
+STOW-RS, rendered over HTTP, and checked against DCMTK's `dcmj2pnm` (an independent
+renderer) or against what a reader would notice on the image."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from tests.conftest import RunningArchive, archive_env, free_port, s3_env
+from tests.test_cstore import small_ct, wait_drained
+
+BOUNDARY = "rendered-test-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+FILES = (
+    "CT_small.dcm",  # CT, Rescale Intercept -1024: windows in Hounsfield units
+    "MR_small.dcm",  # a stored window
+    "RG1_UNCR.dcm",  # chest film, MONOCHROME1
+    "OBXXXX1A.dcm",  # ultrasound, PALETTE COLOR
+    "US1_J2KR.dcm",  # colour Doppler, JPEG 2000 (YBR_RCT)
+    "SC_rgb_rle.dcm",  # colour bars, RLE
+    "SC_ybr_full_422_uncompressed.dcm",  # the same bars, YBR_FULL_422
+    "JPGExtended.dcm",  # 12-bit JPEG Extended
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS
+    "JPEG2000.dcm",  # JPEG 2000, grey
+    "emri_small.dcm",  # enhanced MR, 10 frames
+    "emri_small_big_endian.dcm",  # the same, Explicit VR Big Endian
+    "image_dfl.dcm",  # deflated
+)
+
+
+def _stow(archive: RunningArchive, blobs: list[bytes]) -> None:
+    body = b""
+    for blob in blobs:
+        body += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body += blob + b"\r\n"
+    body += f"--{BOUNDARY}--\r\n".encode()
+    response = httpx.post(
+        f"{archive.http}/dicomweb/studies",
+        content=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+        },
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def stored(s3_server, tmp_path_factory) -> Iterator[tuple[RunningArchive, dict[str, str]]]:
+    """An `--open` archive holding FILES, and each file's instance path by file name."""
+    folder = tmp_path_factory.mktemp("rendered")
+    archive = RunningArchive(
+        data_dir=folder / "data",
+        dicom_port=free_port(),
+        http_port=free_port(),
+        env=archive_env(s3_env(s3_server)),
+        log_path=folder / "serve.log",
+    )
+    archive.start()
+    paths = {}
+    blobs = []
+    for name in FILES:
+        source = get_testdata_file(name)
+        ds = dcmread(source, stop_before_pixels=True)
+        paths[name] = (
+            f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}"
+        )
+        blobs.append(Path(source).read_bytes())
+    _stow(archive, blobs)
+    wait_drained(archive)
+    yield archive, paths
+    archive.stop()
+
+
+def get(archive: RunningArchive, path: str, accept: str = "image/png", **params) -> httpx.Response:
+    return httpx.get(f"{archive.http}{path}", params=params, headers={"Accept": accept}, timeout=60)
+
+
+def image(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def dcmtk(name: str, *options: str, tmp_path: Path) -> np.ndarray:
+    out = tmp_path / "dcmtk.png"
+    subprocess.run(
+        ["dcmj2pnm", *options, "+on", get_testdata_file(name), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return np.asarray(Image.open(out).convert("L"), dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    ("name", "dcmtk_options", "params"),
+    [
+        ("CT_small.dcm", ("+Ww", "40", "400"), {"window": "40,400,linear"}),
+        ("CT_small.dcm", ("+Ww", "40", "400", "+Wfs"), {"window": "40,400,sigmoid"}),
+        ("MR_small.dcm", ("+Wi", "1"), {}),
+        ("RG1_UNCR.dcm", ("+Wi", "1"), {}),
+        ("emri_small.dcm", ("+Ww", "300", "600", "+F", "4"), {"window": "300,600"}),
+    ],
+    ids=["ct-linear", "ct-sigmoid", "mr-stored-window", "cr-monochrome1", "mr-frame-4"],
+)
+def test_matches_dcmtk(stored, tmp_path: Path, name: str, dcmtk_options, params) -> None:
+    """Within rounding of DCMTK's rendering of the same file with the same window: each
+    renderer maps to 8 bits on its own, so a pixel may differ by one grey level (mean
+    difference at most one level, no pixel more than two)."""
+    archive, paths = stored
+    frame = dcmtk_options[dcmtk_options.index("+F") + 1] if "+F" in dcmtk_options else ""
+    path = paths[name] + (f"/frames/{frame}/rendered" if frame else "/rendered")
+    ours = image(get(archive, path, **params)).astype(np.float64)
+    reference = dcmtk(name, *dcmtk_options, tmp_path=tmp_path)
+    assert ours.shape == reference.shape
+    difference = np.abs(ours - reference)
+    assert difference.mean() <= 1.0
+    assert difference.max() <= 2
+
+
+def test_a_window_gives_the_grey_its_hounsfield_units_call_for(stored) -> None:
+    """CT at window 40/400 (soft tissue): air black, bone white, water at 40 % grey."""
+    archive, paths = stored
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    hounsfield = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    grey = image(get(archive, paths["CT_small.dcm"] + "/rendered", window="40,400"))
+    assert grey[hounsfield <= -160].max() == 0
+    assert grey[hounsfield >= 240].min() == 255
+    near_water = np.abs(hounsfield) <= 2
+    assert near_water.any()
+    assert np.abs(grey[near_water].astype(float) - 0.4 * 255).max() <= 2
+
+
+def test_a_chest_film_shows_bone_white(stored) -> None:
+    """MONOCHROME1 (high values dark): the lungs come out darker than the spine."""
+    archive, paths = stored
+    grey = image(get(archive, paths["RG1_UNCR.dcm"] + "/rendered")).astype(np.float64)
+    rows, columns = grey.shape
+    spine = grey[rows // 3 : rows // 2, columns // 2 - 40 : columns // 2 + 40].mean()
+    lung = grey[rows // 3 : rows // 2, columns // 4 - 40 : columns // 4 + 40].mean()
+    assert spine > lung + 60
+
+
+@pytest.mark.parametrize("name", ["OBXXXX1A.dcm", "US1_J2KR.dcm"])
+def test_colour_images_come_out_in_colour(stored, name: str) -> None:
+    archive, paths = stored
+    rgb = image(get(archive, paths[name] + "/rendered")).astype(np.int32)
+    assert rgb.ndim == 3 and rgb.shape[2] == 3
+    # Coloured pixels: the channels differ widely somewhere (Doppler, palette overlays).
+    spread = rgb.max(axis=2) - rgb.min(axis=2)
+    assert (spread > 100).sum() > 100
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_rle.dcm", "SC_ybr_full_422_uncompressed.dcm"])
+def test_colour_bars_keep_their_colours(stored, name: str) -> None:
+    """The top band of pydicom's colour-bar image is red, RGB (RLE) or YBR alike."""
+    archive, paths = stored
+    rgb = image(get(archive, paths[name] + "/rendered")).astype(np.int32)
+    red, green, blue = rgb[5, 50]
+    assert red > 200 and green < 60 and blue < 60
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "JPGExtended.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "JPEG2000.dcm",
+        "emri_small_big_endian.dcm",
+        "image_dfl.dcm",
+    ],
+)
+def test_every_stored_encoding_renders(stored, name: str) -> None:
+    """Each decodes and is rendered as the uncompressed pixels, windowed the same way,
+    would be: compared with pydicom's own decoding through the same window."""
+    archive, paths = stored
+    ds = dcmread(get_testdata_file(name))
+    pixels = ds.pixel_array[0] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else ds.pixel_array
+    low, high = np.percentile(pixels, (5, 95))
+    center, width = (low + high) / 2, max(high - low, 2)
+    grey = image(get(archive, paths[name] + "/rendered", window=f"{center},{width}"))
+    expected = np.clip((pixels - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255
+    assert grey.shape == pixels.shape
+    assert np.abs(grey - expected).mean() <= 1.0
+
+
+def test_formats_viewport_and_quality(stored) -> None:
+    archive, paths = stored
+    path = paths["RG1_UNCR.dcm"] + "/rendered"
+    for accept, signature in (
+        ("image/jpeg", b"\xff\xd8\xff"),
+        ("image/png", b"\x89PNG"),
+        ("image/webp", b"RIFF"),
+        ("image/webp;q=0.5, image/png", b"\x89PNG"),
+        ("*/*", b"\xff\xd8\xff"),
+    ):
+        response = get(archive, path, accept=accept, viewport="64,64")
+        assert response.status_code == 200, response.text
+        assert response.content.startswith(signature), accept
+        assert response.headers["content-type"].startswith(
+            accept.split(",")[-1].split(";")[0].strip().replace("*/*", "image/jpeg")
+        )
+    ds = dcmread(get_testdata_file("RG1_UNCR.dcm"), stop_before_pixels=True)
+    small = Image.open(io.BytesIO(get(archive, path, viewport="200,200").content))
+    assert max(small.size) == 200
+    assert abs(small.size[0] / small.size[1] - ds.Columns / ds.Rows) < 0.02
+    low = get(archive, path, accept="image/jpeg", quality="10").content
+    high = get(archive, path, accept="image/jpeg", quality="95").content
+    assert len(low) < len(high)
+
+
+def test_thumbnails_show_the_middle_slice(stored, tmp_path: Path) -> None:
+    archive, paths = stored
+    slices = [small_ct(number=n, seed="thumbnail-series") for n in (1, 2, 3)]
+    blobs = []
+    for n, ds in enumerate(slices):
+        pixels = np.zeros((64, 64), dtype=np.int16)
+        pixels[n * 20 : n * 20 + 10, :] = 1000  # a bright band, lower on each slice
+        ds.PixelData = pixels.tobytes()
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        blobs.append(out.getvalue())
+        assert int(ds.InstanceNumber) == n + 1
+    _stow(archive, blobs)
+    wait_drained(archive)
+    study, series = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
+    middle = f"/dicomweb/studies/{study}/series/{series}/instances/{slices[1].SOPInstanceUID}"
+    expected = get(archive, middle + "/thumbnail").content
+    assert get(archive, f"/dicomweb/studies/{study}/series/{series}/thumbnail").content == expected
+    assert get(archive, f"/dicomweb/studies/{study}/thumbnail").content == expected
+    first = get(
+        archive, middle.replace(slices[1].SOPInstanceUID, slices[0].SOPInstanceUID) + "/thumbnail"
+    )
+    assert first.content != expected
+    # A multi-frame instance's thumbnail is its middle frame (5 of 10, by frame number).
+    frames = paths["emri_small.dcm"]
+    assert (
+        get(archive, frames + "/thumbnail").content
+        == get(archive, frames + "/frames/5/rendered", viewport="256,256").content
+    )
+
+
+def test_bad_requests_get_a_reason(stored, tmp_path: Path) -> None:
+    archive, paths = stored
+    ct = paths["CT_small.dcm"]
+    for path, params, accept, status in (
+        (ct + "/frames/2/rendered", {}, "image/png", 404),
+        (paths["emri_small.dcm"] + "/frames/11/rendered", {}, "image/png", 404),
+        (ct + "/frames/1,2/rendered", {}, "image/png", 400),
+        (ct + "/rendered", {"window": "abc"}, "image/png", 400),
+        (ct + "/rendered", {"window": "40,0"}, "image/png", 400),
+        (ct + "/rendered", {"window": "40,400,cubic"}, "image/png", 400),
+        (ct + "/rendered", {"viewport": "0,10"}, "image/png", 400),
+        (ct + "/rendered", {"quality": "101"}, "image/jpeg", 400),
+        (ct + "/rendered", {}, "application/pdf", 406),
+        (ct.replace("/instances/", "/instances/9") + "/rendered", {}, "image/png", 404),
+    ):
+        response = get(archive, path, accept=accept, **params)
+        assert response.status_code == status, (path, params, response.text)
+        assert response.json()["detail"]
+
+
+def test_an_undecodable_frame_is_a_415_and_the_archive_goes_on(stored) -> None:
+    """JPEG 2000 whose codestream is damaged: a reason, not a server error."""
+    archive, paths = stored
+    ds = dcmread(get_testdata_file("JPEG2000.dcm"))
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    data = bytearray(ds.PixelData)
+    data[40:-8] = b"\x00" * (len(data) - 48)  # keep the item tags, wipe the codestream
+    ds.PixelData = bytes(data)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    _stow(archive, [out.getvalue()])
+    wait_drained(archive)
+    path = paths["JPEG2000.dcm"].replace(
+        dcmread(get_testdata_file("JPEG2000.dcm"), stop_before_pixels=True).SOPInstanceUID,
+        ds.SOPInstanceUID,
+    )
+    response = get(archive, path + "/rendered")
+    assert response.status_code == 415, response.text
+    assert "cannot be decoded" in response.json()["detail"]
+    assert get(archive, paths["JPEG2000.dcm"] + "/rendered").status_code == 200

@@ -1,0 +1,231 @@
+"""Rendered images and thumbnails (PS3.18 10.4.1.1.3, 8.3.5): one frame of a stored
+instance as JPEG, PNG or WebP (by `Accept`), through `storage.rendering`.
+
+A study or series thumbnail is its representative image: the middle instance of the
+study's first series with images (or of the series), and of a multi-frame instance its
+middle frame. What may be rendered is what may be retrieved (`visible_instances`).
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from pydicom import dcmread
+
+from storage.frames import FrameNotFound
+from storage.objects import ObjectStoreUnavailable
+from storage.query import Located
+from storage.registry import Caller
+from storage.rendering import (
+    DEFAULT_QUALITY,
+    FORMATS,
+    Rendering,
+    Undecodable,
+    Window,
+    WindowFunction,
+    number_of_frames,
+    render,
+)
+from viewer_api.deps import ReadCaller, Services, ServicesDep, visible_instances
+
+router = APIRouter(prefix="/dicomweb", tags=["DICOMweb rendered"])
+
+THUMBNAIL_VIEWPORT = (256, 256)
+LARGEST_VIEWPORT = 8192
+# A frame number asking for the middle frame of the instance (thumbnails).
+MIDDLE = 0
+
+
+def media_type_of(accept: str) -> str:
+    """The first acceptable rendered format, by quality value and order (RFC 9110 12.5.1);
+    JPEG for `*/*`, `image/*` or no Accept header; 406 when none is acceptable."""
+    if not accept.strip():
+        return "image/jpeg"
+    offered = []
+    for position, part in enumerate(accept.split(",")):
+        media, *parameters = (p.strip() for p in part.split(";"))
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if weight > 0:
+            offered.append((-weight, position, media.lower()))
+    for _, _, media in sorted(offered):
+        if media in FORMATS:
+            return media
+        if media in ("*/*", "image/*"):
+            return "image/jpeg"
+    raise HTTPException(406, f"rendered images are {', '.join(FORMATS)}; Accept: {accept}")
+
+
+def _numbers(text: str, name: str, count: int) -> list[float]:
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts[:count]]
+    except ValueError as exc:
+        raise HTTPException(400, f"{name}: {text!r} is not {count} numbers") from exc
+    if len(values) != count:
+        raise HTTPException(400, f"{name}: {text!r} is not {count} numbers")
+    return values
+
+
+def rendering_of(request: Request, viewport: tuple[int, int] | None = None) -> Rendering:
+    """The query parameters `viewport` (w,h), `window` (center,width[,function]) and
+    `quality` (1-100), and the Accept header, checked: a 400 names what is wrong."""
+    parameters = request.query_params
+    if "viewport" in parameters:
+        width, height = _numbers(parameters["viewport"], "viewport", 2)
+        if not (0 < width <= LARGEST_VIEWPORT and 0 < height <= LARGEST_VIEWPORT):
+            raise HTTPException(400, f"viewport: each side from 1 to {LARGEST_VIEWPORT}")
+        viewport = (int(width), int(height))
+    window = None
+    if "window" in parameters:
+        text = parameters["window"]
+        center, width = _numbers(text, "window", 2)
+        parts = text.split(",")
+        name = parts[2].strip().upper().replace("-", "_") if len(parts) > 2 else "LINEAR"
+        if name not in WindowFunction.__members__:
+            raise HTTPException(400, "window: the function is linear, linear-exact or sigmoid")
+        try:
+            window = Window(center, width, WindowFunction[name])
+        except ValueError as exc:
+            raise HTTPException(400, f"window: {exc}") from exc
+    quality = DEFAULT_QUALITY
+    if "quality" in parameters:
+        text = parameters["quality"]
+        if not text.isdigit() or not 1 <= int(text) <= 100:
+            raise HTTPException(400, "quality: a whole number from 1 to 100")
+        quality = int(text)
+    media_type = media_type_of(request.headers.get("accept", ""))
+    return Rendering(media_type, viewport, window, quality)
+
+
+def _rendered(
+    services: Services,
+    caller: Caller,
+    request: Request,
+    uids: dict[str, str],
+    number: int,
+    rendering: Rendering,
+) -> bytes:
+    located = visible_instances(services, caller, request, uids)
+    candidates = _representatives(located)
+    for position, item in enumerate(candidates):
+        try:
+            with services.objects.open(item.object_key, item.size) as source:
+                frame = _middle_frame(source) if number == MIDDLE else number
+                return render(source, frame, rendering)
+        except FrameNotFound as exc:
+            if position + 1 < len(candidates) and "no image" in str(exc):
+                continue  # a study thumbnail: this series holds no images, try the next
+            raise HTTPException(404, str(exc)) from exc
+        except Undecodable as exc:
+            raise HTTPException(415, str(exc)[:300]) from exc
+        except ObjectStoreUnavailable as exc:
+            raise HTTPException(503, f"object store unavailable: {exc}") from exc
+    raise AssertionError("visible_instances returns at least one instance")
+
+
+def _representatives(located: list[Located]) -> list[Located]:
+    """The middle instance of each series, in series order (instances come in series and
+    instance number order)."""
+    series: dict[str, list[Located]] = {}
+    for item in located:
+        series.setdefault(item.series_instance_uid, []).append(item)
+    return [items[(len(items) - 1) // 2] for items in series.values()]
+
+
+def _middle_frame(source: BinaryIO) -> int:
+    header = dcmread(source, stop_before_pixels=True)
+    source.seek(0)
+    return (number_of_frames(header) + 1) // 2
+
+
+async def _respond(
+    services: Services,
+    caller: Caller,
+    request: Request,
+    uids: dict[str, str],
+    number: int,
+    viewport: tuple[int, int] | None = None,
+) -> Response:
+    rendering = rendering_of(request, viewport)
+    body = await run_in_threadpool(_rendered, services, caller, request, uids, number, rendering)
+    return Response(body, media_type=rendering.media_type)
+
+
+def _instance(study: str, series: str, instance: str) -> dict[str, str]:
+    return {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/rendered",
+    summary="An instance rendered (its first frame)",
+)
+async def rendered_instance(
+    study: str,
+    series: str,
+    instance: str,
+    request: Request,
+    services: ServicesDep,
+    caller: ReadCaller,
+) -> Response:
+    return await _respond(services, caller, request, _instance(study, series, instance), 1)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
+    summary="A frame rendered",
+)
+async def rendered_frame(
+    study: str,
+    series: str,
+    instance: str,
+    frame: str,
+    request: Request,
+    services: ServicesDep,
+    caller: ReadCaller,
+) -> Response:
+    if not frame.isdigit() or int(frame) < 1:
+        raise HTTPException(400, "a rendered frame is one frame number, from 1")
+    uids = _instance(study, series, instance)
+    return await _respond(services, caller, request, uids, int(frame))
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+    summary="An instance's thumbnail",
+)
+async def instance_thumbnail(
+    study: str,
+    series: str,
+    instance: str,
+    request: Request,
+    services: ServicesDep,
+    caller: ReadCaller,
+) -> Response:
+    uids = _instance(study, series, instance)
+    return await _respond(services, caller, request, uids, MIDDLE, THUMBNAIL_VIEWPORT)
+
+
+@router.get("/studies/{study}/series/{series}/thumbnail", summary="A series' thumbnail")
+async def series_thumbnail(
+    study: str, series: str, request: Request, services: ServicesDep, caller: ReadCaller
+) -> Response:
+    uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    return await _respond(services, caller, request, uids, MIDDLE, THUMBNAIL_VIEWPORT)
+
+
+@router.get("/studies/{study}/thumbnail", summary="A study's thumbnail")
+async def study_thumbnail(
+    study: str, request: Request, services: ServicesDep, caller: ReadCaller
+) -> Response:
+    uids = {"StudyInstanceUID": study}
+    return await _respond(services, caller, request, uids, MIDDLE, THUMBNAIL_VIEWPORT)
