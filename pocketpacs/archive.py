@@ -21,6 +21,7 @@ from storage.index import Index
 from storage.ingest import IngestPipeline
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 from storage.registry import DEFAULT_INSTITUTION, Registry
+from storage.renditions import Renditions, ThumbnailWorker
 from storage.spool import Spool
 from viewer_api.app import create_app
 from viewer_api.deps import Services
@@ -121,6 +122,11 @@ def serve(settings: Settings) -> None:
             limit_bytes=settings.spool_limit_mb * 1024 * 1024,
             defer_seconds=settings.spool_defer_seconds,
         )
+        # Series thumbnails made after ingest, off the store path (replayed instances too).
+        renditions = Renditions(core.objects)
+        thumbnails = ThumbnailWorker(core.index, renditions)
+        core.pipeline.listeners.append(thumbnails)
+        thumbnails.start()
         replayed = spool.replay()
         if replayed:
             log.info("stored %d instances left in the spool by the previous run", replayed)
@@ -145,6 +151,7 @@ def serve(settings: Settings) -> None:
                 spool=spool,
                 registry=registry,
                 audit=AuditLog(core.index),
+                renditions=renditions,
                 open_access=settings.open,
                 regional_issuer=settings.regional_issuer,
             )
@@ -174,3 +181,4 @@ def serve(settings: Settings) -> None:
             log.info("stopping: closing the DICOM listener and draining the spool")
             dicom.stop()
             spool.close()
+            thumbnails.stop()

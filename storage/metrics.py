@@ -1,4 +1,5 @@
-"""Prometheus counters and histograms of the ingest path, served by `/metrics`."""
+"""Prometheus counters and histograms of the ingest path and the renderer, served by
+`/metrics`."""
 
 from __future__ import annotations
 
@@ -35,6 +36,15 @@ SPOOL_DRAINED = Counter(
 )
 SPOOL_RETRIES = Counter(
     "pocketpacs_spool_retries_total", "Spool drain attempts that failed and will be retried"
+)
+
+RENDITIONS = Counter(
+    "pocketpacs_renditions_total",
+    "Rendered images served: 'rendered' (decoded now) or 'cached' (kept in the bucket)",
+    ["source"],
+)
+THUMBNAILS_MADE = Counter(
+    "pocketpacs_thumbnails_made_total", "Series thumbnails rendered ahead of time after ingest"
 )
 
 

@@ -141,6 +141,13 @@ class Viewer:
 
     institution: str
     regional_issuer: str = ""
+    everything: bool = False
+
+    @classmethod
+    def archive(cls) -> Viewer:
+        """The archive itself, for its own background work (thumbnails): sees everything.
+        Never a caller's viewer."""
+        return cls("", everything=True)
 
 
 Match = dict[str, object]
@@ -184,6 +191,8 @@ def visible_to(viewer: Viewer, keys: Mapping[str, str]) -> _Rule:
     itself then matches on: PatientID with its IssuerOfPatientID, both single values, or a
     PatientID alone when it is the regional identifier (the patient's issuer is the
     configured regional issuer). So nobody browses the region by wildcard or by date."""
+    if viewer.everything:
+        return _Rule(("anyone's",))
     own = _Rule(("own",), (viewer.institution,), lambda i: Study.source_institution == i)
     if not is_exact(keys.get("PatientID", "")):
         return own
@@ -440,6 +449,7 @@ class Located:
     size: int
     study_instance_uid: str
     series_instance_uid: str
+    sha256: str
 
 
 def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
@@ -457,6 +467,7 @@ def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
                 Instance.size,
                 Study.study_instance_uid,
                 Series.series_instance_uid,
+                Instance.sha256,
             ),
             QueryLevel.IMAGE,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from tests.conftest import RunningArchive, archive_env, free_port, s3_env
+from tests.conftest import RunningArchive, archive_env, bucket_of, free_port, s3_env
 from tests.test_cstore import small_ct, wait_drained
 
 BOUNDARY = "rendered-test-boundary"
@@ -291,3 +292,55 @@ def test_an_undecodable_frame_is_a_415_and_the_archive_goes_on(stored) -> None:
     assert response.status_code == 415, response.text
     assert "cannot be decoded" in response.json()["detail"]
     assert get(archive, paths["JPEG2000.dcm"] + "/rendered").status_code == 200
+
+
+def renditions(archive: RunningArchive) -> dict[str, float]:
+    """The archive's count of renditions served, by source (rendered now, or cached)."""
+    text = httpx.get(f"{archive.http}/metrics", timeout=30).text
+    found = {"rendered": 0.0, "cached": 0.0}
+    for line in text.splitlines():
+        if line.startswith("pocketpacs_renditions_total{"):
+            source = line.split('source="')[1].split('"')[0]
+            found[source] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_a_rendition_is_kept_and_served_again_without_decoding(stored) -> None:
+    archive, paths = stored
+    path = paths["MR_small.dcm"] + "/rendered"
+    before = renditions(archive)
+    first = get(archive, path, window="600,1200", quality="80", accept="image/jpeg")
+    after_first = renditions(archive)
+    again = get(archive, path, window="600,1200", quality="80", accept="image/jpeg")
+    after_again = renditions(archive)
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content
+    assert after_first["rendered"] == before["rendered"] + 1
+    assert after_again["rendered"] == after_first["rendered"]
+    assert after_again["cached"] == after_first["cached"] + 1
+    # Other parameters are another rendition.
+    get(archive, path, window="600,1000", quality="80", accept="image/jpeg")
+    assert renditions(archive)["rendered"] == after_again["rendered"] + 1
+
+
+def test_series_thumbnails_are_made_after_ingest(stored, s3_server) -> None:
+    """The worker renders a new series' thumbnail once the series is quiet: the first
+    request for it is served from the bucket."""
+    archive, _ = stored
+    ds = small_ct(number=1, seed="thumbnail-worker")
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    _stow(archive, [out.getvalue()])
+    wait_drained(archive)
+    bucket = bucket_of(archive, s3_server)
+    prefix = f"derived/rendered/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/"
+    deadline = time.monotonic() + 30
+    while not list(bucket.list(prefix)):
+        assert time.monotonic() < deadline, "no thumbnail made after ingest"
+        time.sleep(0.2)
+    made = renditions(archive)  # served over HTTP: the worker's work is not counted here
+    path = f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/thumbnail"
+    response = get(archive, path, accept="image/jpeg")
+    assert response.status_code == 200
+    assert response.content.startswith(b"\xff\xd8\xff")
+    assert renditions(archive) == {"rendered": made["rendered"], "cached": made["cached"] + 1}

@@ -17,6 +17,7 @@ from storage.index import Index, IndexUnavailable
 from storage.objects import ObjectStore
 from storage.query import Located, Query, QueryLevel, Viewer, locate
 from storage.registry import DEFAULT_INSTITUTION, SCOPES, Caller, Registry
+from storage.renditions import Renditions
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.http")
@@ -31,6 +32,7 @@ class Services:
     spool: Spool | None = None
     registry: Registry | None = None
     audit: AuditLog | None = None
+    renditions: Renditions | None = None
     open_access: bool = False
     regional_issuer: str = ""
 

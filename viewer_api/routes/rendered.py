@@ -8,42 +8,28 @@ middle frame. What may be rendered is what may be retrieved (`visible_instances`
 
 from __future__ import annotations
 
-from typing import BinaryIO
-
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydicom import dcmread
 
+from storage import metrics
 from storage.frames import FrameNotFound
 from storage.objects import ObjectStoreUnavailable
-from storage.query import Located
 from storage.registry import Caller
-from storage.rendering import (
-    DEFAULT_QUALITY,
-    FORMATS,
-    Rendering,
-    Undecodable,
-    Window,
-    WindowFunction,
-    number_of_frames,
-    render,
-)
+from storage.rendering import FORMATS, Rendering, Undecodable, Window, WindowFunction
+from storage.renditions import THUMBNAIL, Renditions, representatives
 from viewer_api.deps import ReadCaller, Services, ServicesDep, visible_instances
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb rendered"])
 
-THUMBNAIL_VIEWPORT = (256, 256)
 LARGEST_VIEWPORT = 8192
-# A frame number asking for the middle frame of the instance (thumbnails).
-MIDDLE = 0
 
 
-def media_type_of(accept: str) -> str:
+def media_type_of(accept: str, default: str = "image/jpeg") -> str:
     """The first acceptable rendered format, by quality value and order (RFC 9110 12.5.1);
-    JPEG for `*/*`, `image/*` or no Accept header; 406 when none is acceptable."""
+    `default` for `*/*`, `image/*` or no Accept header; 406 when none is acceptable."""
     if not accept.strip():
-        return "image/jpeg"
+        return default
     offered = []
     for position, part in enumerate(accept.split(",")):
         media, *parameters = (p.strip() for p in part.split(";"))
@@ -61,7 +47,7 @@ def media_type_of(accept: str) -> str:
         if media in FORMATS:
             return media
         if media in ("*/*", "image/*"):
-            return "image/jpeg"
+            return default
     raise HTTPException(406, f"rendered images are {', '.join(FORMATS)}; Accept: {accept}")
 
 
@@ -76,10 +62,12 @@ def _numbers(text: str, name: str, count: int) -> list[float]:
     return values
 
 
-def rendering_of(request: Request, viewport: tuple[int, int] | None = None) -> Rendering:
-    """The query parameters `viewport` (w,h), `window` (center,width[,function]) and
-    `quality` (1-100), and the Accept header, checked: a 400 names what is wrong."""
+def rendering_of(request: Request, default: Rendering) -> Rendering:
+    """`default` with what the request asks instead: the query parameters `viewport` (w,h),
+    `window` (center,width[,function]) and `quality` (1-100), and the Accept header,
+    checked: a 400 names what is wrong."""
     parameters = request.query_params
+    viewport = default.viewport
     if "viewport" in parameters:
         width, height = _numbers(parameters["viewport"], "viewport", 2)
         if not (0 < width <= LARGEST_VIEWPORT and 0 < height <= LARGEST_VIEWPORT):
@@ -97,13 +85,13 @@ def rendering_of(request: Request, viewport: tuple[int, int] | None = None) -> R
             window = Window(center, width, WindowFunction[name])
         except ValueError as exc:
             raise HTTPException(400, f"window: {exc}") from exc
-    quality = DEFAULT_QUALITY
+    quality = default.quality
     if "quality" in parameters:
         text = parameters["quality"]
         if not text.isdigit() or not 1 <= int(text) <= 100:
             raise HTTPException(400, "quality: a whole number from 1 to 100")
         quality = int(text)
-    media_type = media_type_of(request.headers.get("accept", ""))
+    media_type = media_type_of(request.headers.get("accept", ""), default.media_type)
     return Rendering(media_type, viewport, window, quality)
 
 
@@ -112,16 +100,17 @@ def _rendered(
     caller: Caller,
     request: Request,
     uids: dict[str, str],
-    number: int,
+    frame: int | None,
     rendering: Rendering,
 ) -> bytes:
     located = visible_instances(services, caller, request, uids)
-    candidates = _representatives(located)
+    renditions = services.renditions or Renditions(services.objects)
+    candidates = representatives(located)
     for position, item in enumerate(candidates):
         try:
-            with services.objects.open(item.object_key, item.size) as source:
-                frame = _middle_frame(source) if number == MIDDLE else number
-                return render(source, frame, rendering)
+            rendition = renditions.rendered(item, frame, rendering)
+            metrics.RENDITIONS.labels("cached" if rendition.cached else "rendered").inc()
+            return rendition.data
         except FrameNotFound as exc:
             if position + 1 < len(candidates) and "no image" in str(exc):
                 continue  # a study thumbnail: this series holds no images, try the next
@@ -133,31 +122,16 @@ def _rendered(
     raise AssertionError("visible_instances returns at least one instance")
 
 
-def _representatives(located: list[Located]) -> list[Located]:
-    """The middle instance of each series, in series order (instances come in series and
-    instance number order)."""
-    series: dict[str, list[Located]] = {}
-    for item in located:
-        series.setdefault(item.series_instance_uid, []).append(item)
-    return [items[(len(items) - 1) // 2] for items in series.values()]
-
-
-def _middle_frame(source: BinaryIO) -> int:
-    header = dcmread(source, stop_before_pixels=True)
-    source.seek(0)
-    return (number_of_frames(header) + 1) // 2
-
-
 async def _respond(
     services: Services,
     caller: Caller,
     request: Request,
     uids: dict[str, str],
-    number: int,
-    viewport: tuple[int, int] | None = None,
+    frame: int | None,
+    thumbnail: bool = False,
 ) -> Response:
-    rendering = rendering_of(request, viewport)
-    body = await run_in_threadpool(_rendered, services, caller, request, uids, number, rendering)
+    rendering = rendering_of(request, THUMBNAIL if thumbnail else Rendering())
+    body = await run_in_threadpool(_rendered, services, caller, request, uids, frame, rendering)
     return Response(body, media_type=rendering.media_type)
 
 
@@ -212,7 +186,7 @@ async def instance_thumbnail(
     caller: ReadCaller,
 ) -> Response:
     uids = _instance(study, series, instance)
-    return await _respond(services, caller, request, uids, MIDDLE, THUMBNAIL_VIEWPORT)
+    return await _respond(services, caller, request, uids, None, thumbnail=True)
 
 
 @router.get("/studies/{study}/series/{series}/thumbnail", summary="A series' thumbnail")
@@ -220,7 +194,7 @@ async def series_thumbnail(
     study: str, series: str, request: Request, services: ServicesDep, caller: ReadCaller
 ) -> Response:
     uids = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
-    return await _respond(services, caller, request, uids, MIDDLE, THUMBNAIL_VIEWPORT)
+    return await _respond(services, caller, request, uids, None, thumbnail=True)
 
 
 @router.get("/studies/{study}/thumbnail", summary="A study's thumbnail")
@@ -228,4 +202,4 @@ async def study_thumbnail(
     study: str, request: Request, services: ServicesDep, caller: ReadCaller
 ) -> Response:
     uids = {"StudyInstanceUID": study}
-    return await _respond(services, caller, request, uids, MIDDLE, THUMBNAIL_VIEWPORT)
+    return await _respond(services, caller, request, uids, None, thumbnail=True)
