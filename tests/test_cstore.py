@@ -39,6 +39,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from storage import layout
 from tests.conftest import (
     RunningArchive,
     archive_env,
@@ -130,9 +131,10 @@ def index_rows(data_dir: Path) -> dict[str, dict]:
 
 
 def bucket_contents(archive: RunningArchive, s3_server) -> dict[str, bytes]:
-    """Every object in the archive's bucket (all prefixes), by key."""
+    """Every original in the archive's bucket, by key (derived objects, thumbnails made
+    after ingest among them, come and go under their own prefix)."""
     store = bucket_of(archive, s3_server)
-    return {info.key: store.get(info.key) for info in store.list("")}
+    return {info.key: store.get(info.key) for info in store.list(layout.DICOM_PREFIX)}
 
 
 def run_storescu(
@@ -198,13 +200,13 @@ def shared_archive(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 class Snapshot:
-    """What the bucket and the index hold now, to see what a test added afterwards."""
+    """What the bucket (its originals) and the index hold now, to see what a test added."""
 
     def __init__(self, archive: RunningArchive, s3_server) -> None:
         self.archive = archive
         self.s3_server = s3_server
         wait_drained(archive)
-        self.keys = {info.key for info in bucket_of(archive, s3_server).list("")}
+        self.keys = {info.key for info in bucket_of(archive, s3_server).list(layout.DICOM_PREFIX)}
         self.uids = set(index_rows(archive.data_dir))
 
     def added(self) -> tuple[dict[str, bytes], dict[str, dict]]:
@@ -212,7 +214,9 @@ class Snapshot:
         wait_drained(self.archive)
         store = bucket_of(self.archive, self.s3_server)
         objects = {
-            info.key: store.get(info.key) for info in store.list("") if info.key not in self.keys
+            info.key: store.get(info.key)
+            for info in store.list(layout.DICOM_PREFIX)
+            if info.key not in self.keys
         }
         rows = {
             uid: row
