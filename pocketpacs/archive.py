@@ -182,3 +182,4 @@ def serve(settings: Settings) -> None:
             dicom.stop()
             spool.close()
             thumbnails.stop()
+            renditions.close()

@@ -22,7 +22,13 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    get_decoder,
+    pixel_array,
+)
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from storage.frames import FrameNotFound
@@ -90,22 +96,32 @@ def number_of_frames(ds: Dataset) -> int:
         return 1
 
 
-def render(source: BinaryIO, number: int, rendering: Rendering) -> bytes:
+def render(source: BinaryIO, number: int, rendering: Rendering, in_memory: bool = False) -> bytes:
     """Frame `number` (1-based) of the Part 10 object in `source` (seekable), rendered.
+    `in_memory`: `source` holds the whole object, so it is parsed once, whole; otherwise
+    the header is read, then only the frame's bytes.
 
     FrameNotFound: no image, or no such frame. Undecodable: the frame cannot be decoded."""
-    header = dcmread(source, stop_before_pixels=True)
+    deflated = False
+    if in_memory:
+        header = dcmread(source)
+    else:
+        header = dcmread(source, stop_before_pixels=True)
+        deflated = header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
     if "Rows" not in header or "PhotometricInterpretation" not in header:
         raise FrameNotFound("the instance holds no image")
     count = number_of_frames(header)
     if not 1 <= number <= count:
         raise FrameNotFound(f"frame {number} is outside 1..{count}")
-    source.seek(0)
     try:
-        if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            # One compressed stream: pydicom inflates it whole, then takes the frame.
-            pixels = pixel_array(dcmread(source), index=number - 1, raw=False)
+        if in_memory or deflated:  # deflated: one stream, inflated whole by pydicom
+            if not in_memory:
+                source.seek(0)
+            whole = header if in_memory else dcmread(source)
+            syntax = whole.file_meta.TransferSyntaxUID
+            pixels, _ = get_decoder(syntax).as_array(whole, index=number - 1, as_rgb=True)
         else:
+            source.seek(0)
             pixels = pixel_array(source, index=number - 1, raw=False)
     except Exception as exc:  # every codec failure is the same answer: cannot decode
         syntax = header.file_meta.get("TransferSyntaxUID", "unknown")
@@ -125,7 +141,32 @@ def displayed(
         return _to_8_bits(pixels, int(ds.get("BitsStored", 8) or 8) > 8)
     frame = frame_attributes(ds, index)
     padding = _padding_mask(frame, pixels)
-    modality = apply_modality_lut(pixels, frame)
+    monochrome1 = photometric == "MONOCHROME1"
+    if pixels.dtype.kind in "iu" and pixels.size:
+        # Through a lookup table over the stored values present: the pipeline runs once per
+        # value instead of once per pixel (4 times less work on a 512 x 512 CT, 60 on a CR).
+        low, high = int(pixels.min()), int(pixels.max())
+        if high - low < pixels.size:
+            table = _grey(frame, np.arange(low, high + 1), window, pixels, padding, monochrome1)
+            grey = table[pixels.astype(np.int64) - low]
+            grey[padding] = 0
+            return grey
+    grey = _grey(frame, pixels, window, pixels, padding, monochrome1)
+    grey[padding] = 0
+    return grey
+
+
+def _grey(
+    frame: Dataset,
+    stored: np.ndarray,
+    window: Window | None,
+    pixels: np.ndarray,
+    padding: np.ndarray,
+    monochrome1: bool,
+) -> np.ndarray:
+    """Stored values to 8-bit grey: Modality LUT, VOI, MONOCHROME1 inversion. `pixels` and
+    `padding` are the frame's, for a window computed from its pixels."""
+    modality = apply_modality_lut(stored, frame)
     values = modality.astype(np.float64)
     if window is not None:
         grey = window.to_grey(values)
@@ -134,10 +175,9 @@ def displayed(
         bits = int(frame.VOILUTSequence[0].LUTDescriptor[2] or 16)
         grey = np.clip(lut_output / float((1 << bits) - 1), 0.0, 1.0) * 255.0
     else:
-        grey = _stored_or_robust_window(frame, values, padding).to_grey(values)
-    if photometric == "MONOCHROME1":
+        grey = _stored_or_robust_window(frame, pixels, padding).to_grey(values)
+    if monochrome1:
         grey = 255.0 - grey
-    grey[padding] = 0.0
     return np.rint(grey).astype(np.uint8)
 
 
@@ -191,7 +231,7 @@ def _first(value: object) -> float:
     return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
 
 
-def _stored_or_robust_window(frame: Dataset, values: np.ndarray, padding: np.ndarray) -> Window:
+def _stored_or_robust_window(frame: Dataset, pixels: np.ndarray, padding: np.ndarray) -> Window:
     """The first stored window, else one over the bulk of the non-padding pixels."""
     if "WindowCenter" in frame and "WindowWidth" in frame:
         function = str(frame.get("VOILUTFunction", "LINEAR") or "LINEAR").strip()
@@ -204,10 +244,10 @@ def _stored_or_robust_window(frame: Dataset, values: np.ndarray, padding: np.nda
             )
         except (TypeError, ValueError):
             pass  # a malformed stored window: fall back to the pixels
-    shown = values[~padding] if padding.any() else values
+    shown = pixels[~padding] if padding.any() else pixels.ravel()
     if shown.size == 0:
         return Window(0.0, 1.0)
-    low, high = np.percentile(shown, ROBUST_PERCENTILES)
+    low, high = np.percentile(apply_modality_lut(shown, frame), ROBUST_PERCENTILES)
     if high <= low:
         return Window(float(low), 1.0)
     return Window((low + high) / 2.0 + 0.5, float(high - low) + 1.0)

@@ -10,9 +10,12 @@ under `derived/rendered/` can be deleted at any time; it is made again when aske
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -32,6 +35,11 @@ RENDERED_PREFIX = f"{layout.DERIVED_PREFIX}rendered/"
 # What a thumbnail is when nothing else is asked: what the worker makes ahead of time.
 THUMBNAIL = Rendering("image/jpeg", viewport=(256, 256))
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+# Objects up to this size are fetched whole to render (one GET, one parse); larger ones,
+# multi-frame mostly, by the ranges the header and the frame need.
+WHOLE_OBJECT_BYTES = 16 * 1024 * 1024
+# Renditions waiting to be written to the bucket, at most.
+KEEPING_AT_MOST = 256
 
 
 def rendition_key(item: Located, frame: int | None, rendering: Rendering) -> str:
@@ -69,28 +77,80 @@ class Rendition:
 
 
 class Renditions:
-    """Rendered frames: from the bucket when made before, else rendered and kept."""
+    """Rendered frames: from memory or the bucket when made before, else rendered and
+    kept in both. Memory holds the most recently used, up to `memory_bytes`."""
 
-    def __init__(self, objects: ObjectStore) -> None:
+    def __init__(self, objects: ObjectStore, memory_bytes: int = 64 * 1024 * 1024) -> None:
         self.objects = objects
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_bytes = memory_bytes
+        self._held = 0
+        self._lock = threading.Lock()
+        self._keeper = ThreadPoolExecutor(2, thread_name_prefix="renditions")
+        self._waiting = threading.BoundedSemaphore(KEEPING_AT_MOST)
 
     def rendered(self, item: Located, frame: int | None, rendering: Rendering) -> Rendition:
         """Frame `frame` (1-based; None: the middle one) of `item`, rendered.
 
         FrameNotFound, Undecodable (storage.rendering), ObjectStoreUnavailable."""
         key = rendition_key(item, frame, rendering)
+        data = self._recall(key)
+        if data is not None:
+            return Rendition(data, cached=True)
         try:
-            return Rendition(self.objects.get(key), cached=True)
+            data = self.objects.get(key)
+            self._remember(key, data)
+            return Rendition(data, cached=True)
         except ObjectNotFound:
             pass
-        with self.objects.open(item.object_key, item.size) as source:
+        if item.size <= WHOLE_OBJECT_BYTES:  # one GET, one parse
+            source: BinaryIO = io.BytesIO(self.objects.get(item.object_key))
+        else:  # only the header's and the frame's ranges
+            source = self.objects.open(item.object_key, item.size)
+        with source:
             number = _middle_frame(source) if frame is None else frame
-            data = render(source, number, rendering)
-        try:
-            self.objects.put_bytes(key, data, rendering.media_type)
-        except ObjectStoreUnavailable as exc:
-            log.warning("rendition not kept (%s): %s", key, exc)
+            data = render(source, number, rendering, in_memory=item.size <= WHOLE_OBJECT_BYTES)
+        self._remember(key, data)
+        self._keep(key, data, rendering.media_type)
         return Rendition(data, cached=False)
+
+    def _keep(self, key: str, data: bytes, media_type: str) -> None:
+        """Into the bucket in the background: the caller has its image already, and a
+        rendition lost (too many waiting, bucket down) is only made again when asked."""
+        if not self._waiting.acquire(blocking=False):
+            log.warning("rendition not kept, %d already waiting: %s", KEEPING_AT_MOST, key)
+            return
+
+        def put() -> None:
+            try:
+                self.objects.put_bytes(key, data, media_type)
+            except ObjectStoreUnavailable as exc:
+                log.warning("rendition not kept (%s): %s", key, exc)
+            finally:
+                self._waiting.release()
+
+        self._keeper.submit(put)
+
+    def close(self) -> None:
+        """Wait for the renditions on their way to the bucket."""
+        self._keeper.shutdown(wait=True)
+
+    def _recall(self, key: str) -> bytes | None:
+        with self._lock:
+            data = self._memory.get(key)
+            if data is not None:
+                self._memory.move_to_end(key)
+            return data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        with self._lock:
+            if key in self._memory:
+                return
+            self._memory[key] = data
+            self._held += len(data)
+            while self._held > self._memory_bytes and self._memory:
+                _, dropped = self._memory.popitem(last=False)
+                self._held -= len(dropped)
 
 
 class ThumbnailWorker:
