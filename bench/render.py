@@ -178,8 +178,8 @@ def report(data: dict) -> str:
         ' ("Rendering latency"). Milliseconds, client side, JPEG.',
         "",
         f"- {env['nproc']} CPUs ({env['cpu']}), kernel `{env['kernel']}`; shared machine",
-        f"- pocketpacs commit `{env.get('pocketpacs_commit', '')}`; Orthanc `{env.get('orthanc', '')}`"
-        " with its DICOMweb plugin",
+        f"- pocketpacs commit `{env.get('pocketpacs_commit', '')}`;"
+        f" Orthanc `{env.get('orthanc', '')}` with its DICOMweb plugin",
         "",
         "## Targets",
         "",

@@ -54,7 +54,8 @@ def derived(r: dict) -> dict:
 
 QUERY_POINTER = (
     "Query and retrieval latency (C-FIND, QIDO-RS, and at 1,000,000 instances on SQLite and "
-    "PostgreSQL) is in `bench/RESULTS-query.md`, from `bench/query.py`."
+    "PostgreSQL) is in `bench/RESULTS-query.md`, from `bench/query.py`; rendering latency in "
+    "`bench/RESULTS-render.md`, from `bench/render.py`."
 )
 
 

@@ -289,3 +289,16 @@ def region(archive_factory, s3_server, tmp_path: Path) -> tuple[RunningArchive, 
         assert result.returncode == 0, result.stdout + result.stderr
     wait_drained(archive)
     return archive, studies
+
+
+def started_archive(s3_server: EmbeddedS3, folder: Path) -> RunningArchive:
+    """`pocketpacs serve --open` on SQLite in `folder`, with a bucket of its own, running."""
+    running = RunningArchive(
+        data_dir=folder / "data",
+        dicom_port=free_port(),
+        http_port=free_port(),
+        env=archive_env(s3_env(s3_server)),
+        log_path=folder / "serve.log",
+    )
+    running.start()
+    return running

@@ -42,11 +42,9 @@ from pynetdicom.sop_class import Verification
 from storage import layout
 from tests.conftest import (
     RunningArchive,
-    archive_env,
     bucket_of,
     dcmtk_env,
-    free_port,
-    s3_env,
+    started_archive,
 )
 from tests.dicom_factory import (
     compressed_samples,
@@ -185,15 +183,7 @@ def send_raw(monkeypatch: pytest.MonkeyPatch) -> None:
 def shared_archive(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningArchive]:
     """One archive for the tests that can tell their own instances apart (by calling AE
     title and by comparing the bucket before and after): starting `serve` costs seconds."""
-    folder = tmp_path_factory.mktemp("shared-archive")
-    running = RunningArchive(
-        data_dir=folder / "data",
-        dicom_port=free_port(),
-        http_port=free_port(),
-        env=archive_env(s3_env(s3_server)),
-        log_path=folder / "serve.log",
-    )
-    running.start()
+    running = started_archive(s3_server, tmp_path_factory.mktemp("shared-archive"))
     yield running
     if running.process is not None:
         running.stop()

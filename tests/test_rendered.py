@@ -17,7 +17,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from tests.conftest import RunningArchive, archive_env, bucket_of, free_port, s3_env
+from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
 
 BOUNDARY = "rendered-test-boundary"
@@ -59,15 +59,7 @@ def _stow(archive: RunningArchive, blobs: list[bytes]) -> None:
 @pytest.fixture(scope="module")
 def stored(s3_server, tmp_path_factory) -> Iterator[tuple[RunningArchive, dict[str, str]]]:
     """An `--open` archive holding FILES, and each file's instance path by file name."""
-    folder = tmp_path_factory.mktemp("rendered")
-    archive = RunningArchive(
-        data_dir=folder / "data",
-        dicom_port=free_port(),
-        http_port=free_port(),
-        env=archive_env(s3_env(s3_server)),
-        log_path=folder / "serve.log",
-    )
-    archive.start()
+    archive = started_archive(s3_server, tmp_path_factory.mktemp("rendered"))
     paths = {}
     blobs = []
     for name in FILES:

@@ -8,7 +8,9 @@ middle frame. What may be rendered is what may be retrieved (`visible_instances`
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -136,7 +138,11 @@ async def _respond(
 
 
 def _instance(study: str, series: str, instance: str) -> dict[str, str]:
+    """The UIDs of an instance's path (a dependency: FastAPI reads them from the path)."""
     return {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
+
+
+InstanceUids = Annotated[dict[str, str], Depends(_instance)]
 
 
 @router.get(
@@ -144,14 +150,9 @@ def _instance(study: str, series: str, instance: str) -> dict[str, str]:
     summary="An instance rendered (its first frame)",
 )
 async def rendered_instance(
-    study: str,
-    series: str,
-    instance: str,
-    request: Request,
-    services: ServicesDep,
-    caller: ReadCaller,
+    uids: InstanceUids, request: Request, services: ServicesDep, caller: ReadCaller
 ) -> Response:
-    return await _respond(services, caller, request, _instance(study, series, instance), 1)
+    return await _respond(services, caller, request, uids, 1)
 
 
 @router.get(
@@ -159,17 +160,10 @@ async def rendered_instance(
     summary="A frame rendered",
 )
 async def rendered_frame(
-    study: str,
-    series: str,
-    instance: str,
-    frame: str,
-    request: Request,
-    services: ServicesDep,
-    caller: ReadCaller,
+    uids: InstanceUids, frame: str, request: Request, services: ServicesDep, caller: ReadCaller
 ) -> Response:
     if not frame.isdigit() or int(frame) < 1:
         raise HTTPException(400, "a rendered frame is one frame number, from 1")
-    uids = _instance(study, series, instance)
     return await _respond(services, caller, request, uids, int(frame))
 
 
@@ -178,14 +172,8 @@ async def rendered_frame(
     summary="An instance's thumbnail",
 )
 async def instance_thumbnail(
-    study: str,
-    series: str,
-    instance: str,
-    request: Request,
-    services: ServicesDep,
-    caller: ReadCaller,
+    uids: InstanceUids, request: Request, services: ServicesDep, caller: ReadCaller
 ) -> Response:
-    uids = _instance(study, series, instance)
     return await _respond(services, caller, request, uids, None, thumbnail=True)
 
 
