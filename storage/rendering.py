@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import io
+import math
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -62,6 +63,8 @@ class Window:
     function: WindowFunction = WindowFunction.LINEAR
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.center) and math.isfinite(self.width)):
+            raise ValueError("window center and width must be finite numbers")
         if self.width <= 0 or (self.function is WindowFunction.LINEAR and self.width < 1):
             raise ValueError(f"window width {self.width} is not positive (at least 1 if linear)")
 
@@ -103,30 +106,37 @@ def render(source: BinaryIO, number: int, rendering: Rendering, in_memory: bool 
 
     FrameNotFound: no image, or no such frame. Undecodable: the frame cannot be decoded."""
     deflated = False
-    if in_memory:
-        header = dcmread(source)
-    else:
-        header = dcmread(source, stop_before_pixels=True)
-        deflated = header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    try:
+        if in_memory:
+            header = dcmread(source)
+        else:
+            header = dcmread(source, stop_before_pixels=True)
+            deflated = header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    except Exception as exc:  # pydicom raises what the damage provokes
+        raise Undecodable(f"the instance cannot be read: {exc}") from exc
     if "Rows" not in header or "PhotometricInterpretation" not in header:
         raise FrameNotFound("the instance holds no image")
     count = number_of_frames(header)
     if not 1 <= number <= count:
         raise FrameNotFound(f"frame {number} is outside 1..{count}")
+    syntax = header.file_meta.get("TransferSyntaxUID", "unknown")
     try:
         if in_memory or deflated:  # deflated: one stream, inflated whole by pydicom
             if not in_memory:
                 source.seek(0)
             whole = header if in_memory else dcmread(source)
-            syntax = whole.file_meta.TransferSyntaxUID
-            pixels, _ = get_decoder(syntax).as_array(whole, index=number - 1, as_rgb=True)
+            decoder = get_decoder(whole.file_meta.TransferSyntaxUID)
+            pixels, _ = decoder.as_array(whole, index=number - 1, as_rgb=True)
         else:
             source.seek(0)
             pixels = pixel_array(source, index=number - 1, raw=False)
     except Exception as exc:  # every codec failure is the same answer: cannot decode
-        syntax = header.file_meta.get("TransferSyntaxUID", "unknown")
         raise Undecodable(f"frame {number} ({syntax}) cannot be decoded: {exc}") from exc
-    return encode(displayed(header, pixels, number - 1, rendering.window), rendering)
+    try:
+        image = displayed(header, pixels, number - 1, rendering.window)
+    except Exception as exc:  # attributes the pipeline needs are missing or malformed
+        raise Undecodable(f"frame {number} cannot be rendered: {exc}") from exc
+    return encode(image, rendering)
 
 
 def displayed(
@@ -136,9 +146,10 @@ def displayed(
     photometric = str(ds.PhotometricInterpretation).strip()
     if photometric == "PALETTE COLOR":
         colours = apply_color_lut(pixels, ds)
-        return _to_8_bits(colours, int(colours.max(initial=0)) > 255)
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor") or [0, 0, 8]
+        return _to_8_bits(colours, int(descriptor[2] or 8))
     if pixels.ndim == 3:  # RGB, and YBR the decoder already converted
-        return _to_8_bits(pixels, int(ds.get("BitsStored", 8) or 8) > 8)
+        return _to_8_bits(pixels, int(ds.get("BitsStored", 8) or 8))
     frame = frame_attributes(ds, index)
     padding = _padding_mask(frame, pixels)
     monochrome1 = photometric == "MONOCHROME1"
@@ -170,7 +181,7 @@ def _grey(
     values = modality.astype(np.float64)
     if window is not None:
         grey = window.to_grey(values)
-    elif "VOILUTSequence" in frame:
+    elif frame.get("VOILUTSequence"):
         lut_output = apply_voi_lut(modality, frame).astype(np.float64)
         bits = int(frame.VOILUTSequence[0].LUTDescriptor[2] or 16)
         grey = np.clip(lut_output / float((1 << bits) - 1), 0.0, 1.0) * 255.0
@@ -185,6 +196,8 @@ def frame_attributes(ds: Dataset, index: int) -> Dataset:
     """The attributes the pipeline reads, for frame `index`: the top level, overridden by
     the shared and then the frame's own functional groups of an enhanced object."""
     frame = Dataset()
+    if hasattr(ds, "file_meta"):
+        frame.file_meta = ds.file_meta  # LUT Data (OW) needs the byte order
     for keyword in (
         "PhotometricInterpretation",
         "BitsStored",
@@ -253,9 +266,10 @@ def _stored_or_robust_window(frame: Dataset, pixels: np.ndarray, padding: np.nda
     return Window((low + high) / 2.0 + 0.5, float(high - low) + 1.0)
 
 
-def _to_8_bits(image: np.ndarray, sixteen_bit: bool) -> np.ndarray:
-    if sixteen_bit:
-        return (image.astype(np.uint32) >> 8).astype(np.uint8)
+def _to_8_bits(image: np.ndarray, bits: int) -> np.ndarray:
+    """Colour samples of `bits` bits to 8."""
+    if bits > 8:
+        return (image.astype(np.uint32) >> (bits - 8)).astype(np.uint8)
     return image.astype(np.uint8)
 
 

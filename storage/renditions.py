@@ -38,13 +38,17 @@ _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 # Objects up to this size are fetched whole to render (one GET, one parse); larger ones,
 # multi-frame mostly, by the ranges the header and the frame need.
 WHOLE_OBJECT_BYTES = 16 * 1024 * 1024
+# Part of every rendition key: raise it when the pipeline renders differently, and
+# renditions made before are no longer served.
+PIPELINE_VERSION = 1
 # Renditions waiting to be written to the bucket, at most.
 KEEPING_AT_MOST = 256
 
 
 def rendition_key(item: Located, frame: int | None, rendering: Rendering) -> str:
     """Where the rendition of frame `frame` (None: the middle one) is kept."""
-    parameters = repr((rendering.media_type, rendering.viewport, rendering.window))
+    parameters = f"v{PIPELINE_VERSION}|"
+    parameters += repr((rendering.media_type, rendering.viewport, rendering.window))
     parameters += f"|{rendering.quality}"
     digest = hashlib.sha256(parameters.encode()).hexdigest()[:16]
     return (
@@ -129,7 +133,10 @@ class Renditions:
             finally:
                 self._waiting.release()
 
-        self._keeper.submit(put)
+        try:
+            self._keeper.submit(put)
+        except RuntimeError:  # shutting down
+            self._waiting.release()
 
     def close(self) -> None:
         """Wait for the renditions on their way to the bucket."""
@@ -205,6 +212,8 @@ class ThumbnailWorker:
         while not self._stopping:
             due, wait = self._due()
             for key in due:
+                if self._stopping:
+                    return
                 started = time.monotonic()
                 self._make(*key)
                 with self._lock:

@@ -16,9 +16,11 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.uid import ImplicitVRLittleEndian
 
 from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
+from viewer_api.routes.rendered import media_type_of
 
 BOUNDARY = "rendered-test-boundary"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -256,6 +258,11 @@ def test_bad_requests_get_a_reason(stored, tmp_path: Path) -> None:
         (ct + "/rendered", {"viewport": "0,10"}, "image/png", 400),
         (ct + "/rendered", {"quality": "101"}, "image/jpeg", 400),
         (ct + "/rendered", {}, "application/pdf", 406),
+        (ct + "/rendered", {}, "image/jpeg;q=0, image/png;q=0, image/webp;q=0, */*", 406),
+        (ct + "/frames/%C2%B2/rendered", {}, "image/png", 400),
+        (ct + "/rendered", {"quality": "²"}, "image/jpeg", 400),
+        (ct + "/rendered", {"viewport": "0.5,0.5"}, "image/png", 400),
+        (ct + "/rendered", {"window": "nan,400"}, "image/png", 400),
         (ct.replace("/instances/", "/instances/9") + "/rendered", {}, "image/png", 404),
     ):
         response = get(archive, path, accept=accept, **params)
@@ -336,3 +343,40 @@ def test_series_thumbnails_are_made_after_ingest(stored, s3_server) -> None:
     assert response.status_code == 200
     assert response.content.startswith(b"\xff\xd8\xff")
     assert renditions(archive) == {"rendered": made["rendered"], "cached": made["cached"] + 1}
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [
+        ("", "image/jpeg"),
+        ("image/png", "image/png"),
+        ("image/webp;q=0.5, image/png", "image/png"),
+        ("image/*", "image/jpeg"),
+        # Refused by name, so the wildcard gives the next format, not the refused one.
+        ("image/jpeg;q=0, image/png;q=0.5, */*;q=0.8", "image/webp"),
+        ("text/html, image/png;q=0.9, */*;q=0.1", "image/png"),
+    ],
+)
+def test_the_format_the_client_prefers(accept: str, chosen: str) -> None:
+    assert media_type_of(accept) == chosen
+
+
+@pytest.mark.parametrize("name", ["vlut_04.dcm", "mlut_18.dcm"])
+def test_lut_sequences_in_implicit_vr_render(stored, name: str) -> None:
+    """A VOI LUT Sequence and a Modality LUT Sequence, their LUT Data read as OW (Implicit
+    VR): rendered through the tables, not a server error."""
+    archive, _ = stored
+    ds = dcmread(get_testdata_file(name))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".7"
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    _stow(archive, [out.getvalue()])
+    wait_drained(archive)
+    path = (
+        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/rendered"
+    )
+    grey = image(get(archive, path)).astype(np.float64)
+    assert grey.shape == (ds.Rows, ds.Columns)
+    assert grey.std() > 10  # an image, not a blank

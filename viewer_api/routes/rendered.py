@@ -28,13 +28,16 @@ LARGEST_VIEWPORT = 8192
 
 
 def media_type_of(accept: str, default: str = "image/jpeg") -> str:
-    """The first acceptable rendered format, by quality value and order (RFC 9110 12.5.1);
-    `default` for `*/*`, `image/*` or no Accept header; 406 when none is acceptable."""
+    """The acceptable rendered format the client prefers (RFC 9110 12.5.1): by quality
+    value, then the more specific range, then order; a format given `q=0` is refused even
+    where a wildcard would take it; `default` first among those a wildcard takes. 406
+    when none is acceptable."""
     if not accept.strip():
         return default
-    offered = []
+    weights: dict[str, tuple[float, int, int]] = {}  # format -> (weight, specificity, order)
     for position, part in enumerate(accept.split(",")):
         media, *parameters = (p.strip() for p in part.split(";"))
+        media = media.lower()
         weight = 1.0
         for parameter in parameters:
             name, _, value = parameter.partition("=")
@@ -43,14 +46,21 @@ def media_type_of(accept: str, default: str = "image/jpeg") -> str:
                     weight = float(value)
                 except ValueError:
                     weight = 0.0
-        if weight > 0:
-            offered.append((-weight, position, media.lower()))
-    for _, _, media in sorted(offered):
         if media in FORMATS:
-            return media
-        if media in ("*/*", "image/*"):
-            return default
-    raise HTTPException(406, f"rendered images are {', '.join(FORMATS)}; Accept: {accept}")
+            covered, specificity = [media], 2
+        elif media in ("*/*", "image/*"):
+            covered = [default, *(f for f in FORMATS if f != default)]
+            specificity = 1 if media == "image/*" else 0
+        else:
+            continue
+        for rank, name in enumerate(covered):
+            found = weights.get(name)
+            if found is None or specificity > found[1]:
+                weights[name] = (weight, specificity, position * 10 + rank)
+    acceptable = [(-w, order, name) for name, (w, _, order) in weights.items() if w > 0]
+    if not acceptable:
+        raise HTTPException(406, f"rendered images are {', '.join(FORMATS)}; Accept: {accept}")
+    return min(acceptable)[2]
 
 
 def _numbers(text: str, name: str, count: int) -> list[float]:
@@ -72,7 +82,7 @@ def rendering_of(request: Request, default: Rendering) -> Rendering:
     viewport = default.viewport
     if "viewport" in parameters:
         width, height = _numbers(parameters["viewport"], "viewport", 2)
-        if not (0 < width <= LARGEST_VIEWPORT and 0 < height <= LARGEST_VIEWPORT):
+        if not (1 <= width <= LARGEST_VIEWPORT and 1 <= height <= LARGEST_VIEWPORT):
             raise HTTPException(400, f"viewport: each side from 1 to {LARGEST_VIEWPORT}")
         viewport = (int(width), int(height))
     window = None
@@ -90,7 +100,7 @@ def rendering_of(request: Request, default: Rendering) -> Rendering:
     quality = default.quality
     if "quality" in parameters:
         text = parameters["quality"]
-        if not text.isdigit() or not 1 <= int(text) <= 100:
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 100:
             raise HTTPException(400, "quality: a whole number from 1 to 100")
         quality = int(text)
     media_type = media_type_of(request.headers.get("accept", ""), default.media_type)
@@ -134,7 +144,7 @@ async def _respond(
 ) -> Response:
     rendering = rendering_of(request, THUMBNAIL if thumbnail else Rendering())
     body = await run_in_threadpool(_rendered, services, caller, request, uids, frame, rendering)
-    return Response(body, media_type=rendering.media_type)
+    return Response(body, media_type=rendering.media_type, headers={"Vary": "Accept"})
 
 
 def _instance(study: str, series: str, instance: str) -> dict[str, str]:
@@ -162,7 +172,7 @@ async def rendered_instance(
 async def rendered_frame(
     uids: InstanceUids, frame: str, request: Request, services: ServicesDep, caller: ReadCaller
 ) -> Response:
-    if not frame.isdigit() or int(frame) < 1:
+    if not (frame.isascii() and frame.isdigit()) or int(frame) < 1:
         raise HTTPException(400, "a rendered frame is one frame number, from 1")
     return await _respond(services, caller, request, uids, int(frame))
 
