@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import imagecodecs
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian
 
 from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
@@ -380,3 +382,52 @@ def test_lut_sequences_in_implicit_vr_render(stored, name: str) -> None:
     grey = image(get(archive, path)).astype(np.float64)
     assert grey.shape == (ds.Rows, ds.Columns)
     assert grey.std() > 10  # an image, not a blank
+
+
+def test_htj2k_renders_as_the_same_image_uncompressed(stored) -> None:
+    """HTJ2K (encoded here with imagecodecs, losslessly): the same grey values as the
+    uncompressed original through the same window."""
+    archive, paths = stored
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PixelData = encapsulate([imagecodecs.htj2k_encode(ds.pixel_array)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".8"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    _stow(archive, [out.getvalue()])
+    wait_drained(archive)
+    path = paths["CT_small.dcm"].replace(
+        dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True).SOPInstanceUID,
+        ds.SOPInstanceUID,
+    )
+    htj2k = image(get(archive, path + "/rendered", window="40,400"))
+    original = image(get(archive, paths["CT_small.dcm"] + "/rendered", window="40,400"))
+    assert np.array_equal(htj2k, original)
+
+
+def test_pixel_padding_is_left_black(stored) -> None:
+    """Padding (PixelPaddingValue) is masked, not windowed: on a MONOCHROME1 image, where
+    low values are white, the padded rows stay black beside white pixels of nearly the
+    same value."""
+    archive, _ = stored
+    ds = small_ct(number=1, seed="padding")
+    pixels = np.full((64, 64), -990, dtype=np.int16)
+    pixels[:10, :] = -1000  # padding
+    pixels[40:, :] = 500
+    ds.PixelData = pixels.tobytes()
+    ds.PixelPaddingValue = -1000
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    _stow(archive, [out.getvalue()])
+    wait_drained(archive)
+    path = (
+        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/rendered"
+    )
+    grey = image(get(archive, path, window="0,200"))
+    assert grey[:10].max() == 0  # padding: black
+    assert grey[10:40].min() == 255  # -990, below the window, white in MONOCHROME1
+    assert grey[40:].max() == 0  # 500, above the window, black in MONOCHROME1
