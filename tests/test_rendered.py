@@ -431,3 +431,28 @@ def test_pixel_padding_is_left_black(stored) -> None:
     assert grey[:10].max() == 0  # padding: black
     assert grey[10:40].min() == 255  # -990, below the window, white in MONOCHROME1
     assert grey[40:].max() == 0  # 500, above the window, black in MONOCHROME1
+
+
+def test_a_held_image_is_revalidated_not_sent_again(stored) -> None:
+    """An entity tag per rendition: a client that holds the image gets a 304 without it
+    (and is still checked and audited); other parameters are another image."""
+    archive, paths = stored
+    path = paths["MR_small.dcm"] + "/rendered"
+    first = get(archive, path, accept="image/jpeg")
+    etag = first.headers["etag"]
+    assert first.headers["cache-control"] == "private, no-cache"
+    again = httpx.get(
+        f"{archive.http}{path}",
+        headers={"Accept": "image/jpeg", "If-None-Match": etag},
+        timeout=60,
+    )
+    assert again.status_code == 304
+    assert again.content == b""
+    other = httpx.get(
+        f"{archive.http}{path}",
+        params={"quality": "50"},
+        headers={"Accept": "image/jpeg", "If-None-Match": etag},
+        timeout=60,
+    )
+    assert other.status_code == 200
+    assert other.headers["etag"] != etag

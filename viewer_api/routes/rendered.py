@@ -8,6 +8,7 @@ middle frame. What may be rendered is what may be retrieved (`visible_instances`
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -19,7 +20,7 @@ from storage.frames import FrameNotFound
 from storage.objects import ObjectStoreUnavailable
 from storage.registry import Caller
 from storage.rendering import FORMATS, Rendering, Undecodable, Window, WindowFunction
-from storage.renditions import THUMBNAIL, Renditions, representatives
+from storage.renditions import THUMBNAIL, Renditions, rendition_key, representatives
 from viewer_api.deps import ReadCaller, Services, ServicesDep, visible_instances
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb rendered"])
@@ -114,15 +115,23 @@ def _rendered(
     uids: dict[str, str],
     frame: int | None,
     rendering: Rendering,
-) -> bytes:
+) -> tuple[bytes | None, str]:
+    """The rendered image and its entity tag; None for the image when the client holds
+    it already (If-None-Match)."""
     located = visible_instances(services, caller, request, uids)
     renditions = services.renditions or Renditions(services.objects)
     candidates = representatives(located)
+    held = request.headers.get("if-none-match", "")
     for position, item in enumerate(candidates):
+        etag = (
+            f'"{hashlib.sha256(rendition_key(item, frame, rendering).encode()).hexdigest()[:32]}"'
+        )
+        if etag in held:
+            return None, etag
         try:
             rendition = renditions.rendered(item, frame, rendering)
             metrics.RENDITIONS.labels("cached" if rendition.cached else "rendered").inc()
-            return rendition.data
+            return rendition.data, etag
         except FrameNotFound as exc:
             if position + 1 < len(candidates) and "no image" in str(exc):
                 continue  # a study thumbnail: this series holds no images, try the next
@@ -142,9 +151,16 @@ async def _respond(
     frame: int | None,
     thumbnail: bool = False,
 ) -> Response:
+    """The image, with an entity tag a phone or browser revalidates with (no-cache: the
+    access check and the audit run for every view; an image it holds costs a 304)."""
     rendering = rendering_of(request, THUMBNAIL if thumbnail else Rendering())
-    body = await run_in_threadpool(_rendered, services, caller, request, uids, frame, rendering)
-    return Response(body, media_type=rendering.media_type, headers={"Vary": "Accept"})
+    body, etag = await run_in_threadpool(
+        _rendered, services, caller, request, uids, frame, rendering
+    )
+    headers = {"Vary": "Accept", "ETag": etag, "Cache-Control": "private, no-cache"}
+    if body is None:
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type=rendering.media_type, headers=headers)
 
 
 def _instance(study: str, series: str, instance: str) -> dict[str, str]:
