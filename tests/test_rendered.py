@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian
 
@@ -58,6 +59,18 @@ def _stow(archive: RunningArchive, blobs: list[bytes]) -> None:
         timeout=120,
     )
     assert response.status_code == 200, response.text
+
+
+def store(archive: RunningArchive, ds: Dataset, **save_options) -> str:
+    """Store one data set by STOW-RS, wait until it is in, and return its instance path."""
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True, **save_options)
+    _stow(archive, [out.getvalue()])
+    wait_drained(archive)
+    return (
+        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -281,15 +294,7 @@ def test_an_undecodable_frame_is_a_415_and_the_archive_goes_on(stored) -> None:
     data = bytearray(ds.PixelData)
     data[40:-8] = b"\x00" * (len(data) - 48)  # keep the item tags, wipe the codestream
     ds.PixelData = bytes(data)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    _stow(archive, [out.getvalue()])
-    wait_drained(archive)
-    path = paths["JPEG2000.dcm"].replace(
-        dcmread(get_testdata_file("JPEG2000.dcm"), stop_before_pixels=True).SOPInstanceUID,
-        ds.SOPInstanceUID,
-    )
-    response = get(archive, path + "/rendered")
+    response = get(archive, store(archive, ds) + "/rendered")
     assert response.status_code == 415, response.text
     assert "cannot be decoded" in response.json()["detail"]
     assert get(archive, paths["JPEG2000.dcm"] + "/rendered").status_code == 200
@@ -329,10 +334,7 @@ def test_series_thumbnails_are_made_after_ingest(stored, s3_server) -> None:
     request for it is served from the bucket."""
     archive, _ = stored
     ds = small_ct(number=1, seed="thumbnail-worker")
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    _stow(archive, [out.getvalue()])
-    wait_drained(archive)
+    store(archive, ds)
     bucket = bucket_of(archive, s3_server)
     prefix = f"derived/rendered/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/"
     deadline = time.monotonic() + 30
@@ -371,14 +373,7 @@ def test_lut_sequences_in_implicit_vr_render(stored, name: str) -> None:
     ds = dcmread(get_testdata_file(name))
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".7"
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    out = io.BytesIO()
-    ds.save_as(out, implicit_vr=True, little_endian=True, enforce_file_format=True)
-    _stow(archive, [out.getvalue()])
-    wait_drained(archive)
-    path = (
-        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-        f"/instances/{ds.SOPInstanceUID}/rendered"
-    )
+    path = store(archive, ds, implicit_vr=True, little_endian=True) + "/rendered"
     grey = image(get(archive, path)).astype(np.float64)
     assert grey.shape == (ds.Rows, ds.Columns)
     assert grey.std() > 10  # an image, not a blank
@@ -393,15 +388,7 @@ def test_htj2k_renders_as_the_same_image_uncompressed(stored) -> None:
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = HTJ2KLossless
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID + ".8"
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    _stow(archive, [out.getvalue()])
-    wait_drained(archive)
-    path = paths["CT_small.dcm"].replace(
-        dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True).SOPInstanceUID,
-        ds.SOPInstanceUID,
-    )
-    htj2k = image(get(archive, path + "/rendered", window="40,400"))
+    htj2k = image(get(archive, store(archive, ds) + "/rendered", window="40,400"))
     original = image(get(archive, paths["CT_small.dcm"] + "/rendered", window="40,400"))
     assert np.array_equal(htj2k, original)
 
@@ -419,15 +406,7 @@ def test_pixel_padding_is_left_black(stored) -> None:
     ds.PixelPaddingValue = -1000
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    _stow(archive, [out.getvalue()])
-    wait_drained(archive)
-    path = (
-        f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-        f"/instances/{ds.SOPInstanceUID}/rendered"
-    )
-    grey = image(get(archive, path, window="0,200"))
+    grey = image(get(archive, store(archive, ds) + "/rendered", window="0,200"))
     assert grey[:10].max() == 0  # padding: black
     assert grey[10:40].min() == 255  # -990, below the window, white in MONOCHROME1
     assert grey[40:].max() == 0  # 500, above the window, black in MONOCHROME1
