@@ -115,6 +115,19 @@ def test_another_institution_needs_the_patient_identifier(region, keys) -> None:
     assert wado(archive, "/studies/1.2.x", keys["north"]).status_code == 400
 
 
+def test_rendered_images_follow_the_same_rule(region, keys) -> None:
+    """A thumbnail or rendered image of another institution's study: only with the exact
+    patient identifier, like the study itself; never without a key."""
+    archive, studies = region
+    thumbnail = f"/studies/{studies['A']}/thumbnail"
+    assert wado(archive, thumbnail, keys["south"]).status_code == 404
+    shown = wado(archive, thumbnail, keys["south"], PatientID="P1", IssuerOfPatientID=REGION)
+    assert shown.status_code == 200
+    assert shown.content.startswith(b"\xff\xd8\xff")
+    assert wado(archive, thumbnail, keys["north"]).status_code == 200
+    assert httpx.get(f"{archive.http}/dicomweb{thumbnail}", timeout=30).status_code == 401
+
+
 def test_metadata_from_the_series_cache(region, keys, s3_server, tmp_path: Path) -> None:
     archive, studies = region
     [series] = {dcmread(p).SeriesInstanceUID for p in tmp_path.glob("A*.dcm")}
