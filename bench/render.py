@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx
 from corpus import Corpus, CorpusFile
 from ingest import WORK, environment, storescu
+from pydicom import dcmread
 from query import start_orthanc
 from servers import BenchError, Pocketpacs, build_shim
 
@@ -62,8 +63,6 @@ def choose(files: list[CorpusFile], per_group: int) -> dict[str, list[CorpusFile
 
 
 def uids(file: CorpusFile) -> tuple[str, str, str]:
-    from pydicom import dcmread
-
     ds = dcmread(file.path, stop_before_pixels=True)
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
 

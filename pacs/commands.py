@@ -215,10 +215,13 @@ def dictionary_vr(tag: int) -> str:
         return "UN"
 
 
-def plain_text(value: bytes) -> bool:
-    """ASCII without escape sequences: text that reads the same in every character set
-    (ISO 2022 encodings are ASCII bytes too, with ESC switching to other sets)."""
-    return value.isascii() and b"\x1b" not in value
+def plain_text(value: bytes) -> str | None:
+    """The value as text, padding stripped, when it is ASCII without escape sequences:
+    text that reads the same in every character set (ISO 2022 encodings are ASCII bytes
+    too, with ESC switching to other sets); else None."""
+    if not value.isascii() or b"\x1b" in value:
+        return None
+    return value.decode("ascii").rstrip(" \x00")
 
 
 def decode_identifier(data: bytes, implicit: bool) -> list[Element] | None:
@@ -256,10 +259,11 @@ def decode_identifier(data: bytes, implicit: bool) -> list[Element] | None:
         position += length
         if number == 0x0000:
             continue  # a group length: says nothing about the query
+        text = plain_text(value) if vr in TEXT_VRS else None
         if not value and vr != "SQ":
             elements.append(Element(tag, vr, None))
-        elif vr in TEXT_VRS and plain_text(value):
-            elements.append(Element(tag, vr, value.decode("ascii").rstrip(" \x00")))
+        elif text is not None:
+            elements.append(Element(tag, vr, text))
         else:
             return None
     return elements

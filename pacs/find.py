@@ -64,9 +64,8 @@ def requested(identifier: Dataset) -> list[Element]:
         tag = int(element.tag)
         vr = element.VR or dictionary_vr(tag)
         value = element.value
-        if isinstance(value, bytes) and vr in TEXT_VRS and plain_text(value):
-            text = value.decode("ascii").rstrip(" \x00")
-        else:
+        text = plain_text(value) if isinstance(value, bytes) and vr in TEXT_VRS else None
+        if text is None:
             try:
                 converted = identifier[tag]
             except Exception as exc:  # pydicom raises what the malformed value provokes
@@ -155,16 +154,24 @@ def failure(reason: str) -> Dataset:
 def find(
     context: DicomContext,
     tally: AssociationTally,
-    keys: list[Element],
+    read_keys: Callable[[], list[Element]],
     sop_class_uid: str,
     cancelled: Callable[[], bool],
 ) -> Iterator[tuple[int, list[Element] | str | None]]:
     """Every match visible to the caller's institution, whichever acceptor serves the
-    association: (status, response elements) while pending, then the final status (with
-    its Error Comment for a failure), the Cancel status once `cancelled` reports a C-CANCEL.
+    association and however it reads the identifier (`read_keys`, which raises
+    InvalidQuery for one it cannot read: 0xC000): (status, response elements) while
+    pending, then the final status (with its Error Comment for a failure), the Cancel
+    status once `cancelled` reports a C-CANCEL.
 
     The audit row is written when the caller resumes or closes the generator after sending
     the final status: the caller does not wait for it, and it counts what was sent."""
+    try:
+        keys = read_keys()
+    except InvalidQuery as exc:
+        context.record(tally, "query", audit.FAILED, detail=str(exc))
+        yield UNABLE_TO_PROCESS, str(exc)
+        return
     try:
         query = query_of(keys, sop_class_uid)
         matches = search(context.index, query, context.viewer(tally))
@@ -200,15 +207,12 @@ def find(
 
 def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Dataset | None]]:
     """EVT_C_FIND, for associations pynetdicom serves."""
-    tally = context.tally(event.assoc)
-    try:
-        keys = requested(event.identifier)
-    except InvalidQuery as exc:
-        context.record(tally, "query", audit.FAILED, detail=str(exc))
-        yield UNABLE_TO_PROCESS, failure(str(exc))
-        return
     for status, payload in find(
-        context, tally, keys, str(event.request.AffectedSOPClassUID), lambda: event.is_cancelled
+        context,
+        context.tally(event.assoc),
+        lambda: requested(event.identifier),
+        str(event.request.AffectedSOPClassUID),
+        lambda: event.is_cancelled,
     ):
         if isinstance(payload, list):
             yield status, dataset_of(payload)

@@ -49,7 +49,6 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pacs import commands, find
 from pacs.handlers import AssociationTally, DicomContext
 from pacs.statuses import ERROR_COMMENT_LENGTH, VerificationStatus
-from storage import audit
 from storage.query import InvalidQuery
 from storage.spool import IncomingFile
 
@@ -468,11 +467,11 @@ class _Session:
         self.cancelled.clear()
         self.finding = True
         try:
-            keys = self._requested(bytes(request.data), encoding)
+            data = bytes(request.data)
             responses = find.find(
                 context,
                 self.tally,
-                keys,
+                lambda: self._requested(data, encoding),
                 sop_class,
                 lambda: self._cancel_requested(command.message_id),
             )
@@ -490,9 +489,6 @@ class _Session:
                     out.clear()
         except (ProtocolError, OSError):
             raise
-        except InvalidQuery as exc:
-            context.record(self.tally, "query", audit.FAILED, detail=str(exc))
-            status, comment = find.UNABLE_TO_PROCESS, str(exc)
         except Exception:
             log.exception("C-FIND from %s failed", self.tally.calling_ae)
             status, comment = find.UNABLE_TO_PROCESS, "internal error, see the archive's log"

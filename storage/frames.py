@@ -25,7 +25,8 @@ class FrameNotFound(LookupError):
     """No such frame (out of range), or the instance holds no pixel data."""
 
 
-def _number_of_frames(ds: Dataset) -> int:
+def number_of_frames(ds: Dataset) -> int:
+    """NumberOfFrames, 1 when absent or malformed."""
     try:
         return max(1, int(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError):
@@ -62,7 +63,7 @@ def read_frames(objects: ObjectStore, item: Located, numbers: list[int]) -> list
         ds = dcmread(BytesIO(objects.get(item.object_key)))
         if "PixelData" not in ds:
             raise FrameNotFound("the instance holds no pixel data")
-        count = _number_of_frames(ds)
+        count = number_of_frames(ds)
         size = _frame_size(ds)
         _check(numbers, count)
         return [ds.PixelData[(n - 1) * size : n * size] for n in numbers]
@@ -71,7 +72,7 @@ def read_frames(objects: ObjectStore, item: Located, numbers: list[int]) -> list
         ds = dcmread(handle, stop_before_pixels=True)
         if "Rows" not in ds or "BitsAllocated" not in ds:
             raise FrameNotFound("the instance holds no image")
-        count = _number_of_frames(ds)
+        count = number_of_frames(ds)
         _check(numbers, count)
         start = _pixel_value_offset(handle, syntax)
         if not syntax.is_encapsulated:

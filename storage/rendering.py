@@ -32,7 +32,7 @@ from pydicom.pixels import (
 )
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from storage.frames import FrameNotFound
+from storage.frames import FrameNotFound, number_of_frames
 
 # Encodings a rendered resource can be asked for (PS3.18 8.7.4), by media type.
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
@@ -92,17 +92,12 @@ class Rendering:
     quality: int = DEFAULT_QUALITY
 
 
-def number_of_frames(ds: Dataset) -> int:
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1
-
-
-def render(source: BinaryIO, number: int, rendering: Rendering, in_memory: bool = False) -> bytes:
-    """Frame `number` (1-based) of the Part 10 object in `source` (seekable), rendered.
-    `in_memory`: `source` holds the whole object, so it is parsed once, whole; otherwise
-    the header is read, then only the frame's bytes.
+def render(
+    source: BinaryIO, number: int | None, rendering: Rendering, in_memory: bool = False
+) -> bytes:
+    """Frame `number` (1-based; None: the middle one, a thumbnail's) of the Part 10 object
+    in `source` (seekable), rendered. `in_memory`: `source` holds the whole object, so it
+    is parsed once, whole; otherwise the header is read, then only the frame's bytes.
 
     FrameNotFound: no image, or no such frame. Undecodable: the frame cannot be decoded."""
     deflated = False
@@ -117,6 +112,8 @@ def render(source: BinaryIO, number: int, rendering: Rendering, in_memory: bool 
     if "Rows" not in header or "PhotometricInterpretation" not in header:
         raise FrameNotFound("the instance holds no image")
     count = number_of_frames(header)
+    if number is None:
+        number = (count + 1) // 2
     if not 1 <= number <= count:
         raise FrameNotFound(f"frame {number} is outside 1..{count}")
     syntax = header.file_meta.get("TransferSyntaxUID", "unknown")

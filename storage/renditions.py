@@ -19,15 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from pydicom import dcmread
-
 from storage import layout, metrics
 from storage.frames import FrameNotFound
 from storage.index import Index
 from storage.ingest import StoreResult
 from storage.objects import ObjectNotFound, ObjectStore, ObjectStoreUnavailable
 from storage.query import Located, Query, QueryLevel, Viewer, locate
-from storage.rendering import Rendering, number_of_frames, render
+from storage.rendering import Rendering, render
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +66,6 @@ def representatives(located: list[Located]) -> list[Located]:
     return [items[(len(items) - 1) // 2] for items in series.values()]
 
 
-def _middle_frame(source: BinaryIO) -> int:
-    header = dcmread(source, stop_before_pixels=True)
-    source.seek(0)
-    return (number_of_frames(header) + 1) // 2
-
-
 @dataclass(frozen=True)
 class Rendition:
     data: bytes
@@ -107,13 +99,13 @@ class Renditions:
             return Rendition(data, cached=True)
         except ObjectNotFound:
             pass
-        if item.size <= WHOLE_OBJECT_BYTES:  # one GET, one parse
+        whole = item.size <= WHOLE_OBJECT_BYTES
+        if whole:  # one GET, one parse
             source: BinaryIO = io.BytesIO(self.objects.get(item.object_key))
         else:  # only the header's and the frame's ranges
             source = self.objects.open(item.object_key, item.size)
         with source:
-            number = _middle_frame(source) if frame is None else frame
-            data = render(source, number, rendering, in_memory=item.size <= WHOLE_OBJECT_BYTES)
+            data = render(source, frame, rendering, in_memory=whole)
         self._remember(key, data)
         self._keep(key, data, rendering.media_type)
         return Rendition(data, cached=False)

@@ -36,6 +36,10 @@ class Services:
     open_access: bool = False
     regional_issuer: str = ""
 
+    def __post_init__(self) -> None:
+        if self.renditions is None:  # one per archive: it holds a cache and writer threads
+            object.__setattr__(self, "renditions", Renditions(self.objects))
+
     def viewer(self, caller: Caller) -> Viewer:
         """Whose access rules apply to this caller's queries and retrievals."""
         return Viewer(caller.institution, self.regional_issuer)

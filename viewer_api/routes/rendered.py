@@ -20,7 +20,7 @@ from storage.frames import FrameNotFound
 from storage.objects import ObjectStoreUnavailable
 from storage.registry import Caller
 from storage.rendering import FORMATS, Rendering, Undecodable, Window, WindowFunction
-from storage.renditions import THUMBNAIL, Renditions, rendition_key, representatives
+from storage.renditions import THUMBNAIL, rendition_key, representatives
 from viewer_api.deps import ReadCaller, Services, ServicesDep, visible_instances
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb rendered"])
@@ -119,7 +119,8 @@ def _rendered(
     """The rendered image and its entity tag; None for the image when the client holds
     it already (If-None-Match)."""
     located = visible_instances(services, caller, request, uids)
-    renditions = services.renditions or Renditions(services.objects)
+    renditions = services.renditions
+    assert renditions is not None  # Services makes one
     candidates = representatives(located)
     held = request.headers.get("if-none-match", "")
     for position, item in enumerate(candidates):
