@@ -144,9 +144,12 @@ def dataset_of(elements: list[Element]) -> Dataset:
     return answer
 
 
-def failure(reason: str) -> Dataset:
-    """A failed response's identifier: the Error Comment saying why."""
+def failure(status: int, reason: str) -> Dataset:
+    """A failure status with its Error Comment (0000,0902), for pynetdicom's handlers: as a
+    status data set it goes into the response's command set (a failed response carries
+    no identifier, so pynetdicom drops one)."""
     answer = Dataset()
+    answer.Status = status
     answer.ErrorComment = reason[:ERROR_COMMENT_LENGTH]
     return answer
 
@@ -217,4 +220,4 @@ def handle_find(event: Event, context: DicomContext) -> Iterator[tuple[int, Data
         if isinstance(payload, list):
             yield status, dataset_of(payload)
         else:
-            yield status, failure(payload) if payload else None
+            yield (failure(status, payload) if payload else status), None

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
 
 from pacs.find import CANCELLED, IDENTIFIER_DOES_NOT_MATCH, failure, query_of, requested
 from storage import audit
@@ -79,7 +80,7 @@ def handle_get(event: Event, context: DicomContext) -> Iterator:
     except InvalidQuery as exc:
         context.record(tally, "retrieve", audit.FAILED, detail=str(exc))
         yield 1
-        yield IDENTIFIER_DOES_NOT_MATCH, failure(str(exc))
+        yield failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
         return
     context.record(
         tally, "retrieve", audit.OK, resource=f"C-GET {_summary(event)}", instances=len(located)
@@ -103,9 +104,11 @@ def handle_move(event: Event, context: DicomContext) -> Iterator:
         located = _located(event, context, tally, str(event.request.AffectedSOPClassUID))
     except InvalidQuery as exc:
         context.record(tally, "retrieve", audit.FAILED, detail=str(exc))
-        yield node.host, node.port
+        # pynetdicom associates with the destination before it takes a status: propose
+        # what any node accepts, so the peer gets this failure, not 0xC515.
+        yield node.host, node.port, {"contexts": [build_context(Verification)]}
         yield 1
-        yield IDENTIFIER_DOES_NOT_MATCH, failure(str(exc))
+        yield failure(IDENTIFIER_DOES_NOT_MATCH, str(exc)), None
         return
     context.record(
         tally,

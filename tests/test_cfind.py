@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -97,14 +97,18 @@ def test_result_recognition_through_the_exact_patient_identifier(region) -> None
 
 @contextlib.contextmanager
 def querying(
-    archive: RunningArchive, calling_ae: str, with_move: bool, *models: str
+    archive: RunningArchive,
+    calling_ae: str,
+    with_move: bool,
+    *models: str,
+    syntaxes: list[str] = DEFAULT_TRANSFER_SYNTAXES,
 ) -> Iterator[Association]:
-    """A pynetdicom association proposing Study Root FIND and `models`, and Study Root MOVE
-    too `with_move`: then pynetdicom serves it, else the lean acceptor."""
+    """A pynetdicom association proposing Study Root FIND and `models` (in `syntaxes`),
+    and Study Root MOVE too `with_move`: then pynetdicom serves it, else the lean acceptor."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for model in (*models, StudyRootQueryRetrieveInformationModelFind):
-        ae.add_requested_context(model)
+        ae.add_requested_context(model, syntaxes)
     if with_move:
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", archive.dicom_port, ae_title=archive.ae_title)
@@ -231,6 +235,25 @@ def test_names_in_another_character_set(archive: RunningArchive, tmp_path, with_
             assert [s.Status for s, _ in responses] == [0xFF00, 0x0000]
             answer = responses[0][1]
             assert (answer.PatientID, str(answer.PatientName)) == ("CN1", "张^三")
+
+
+@pytest.mark.parametrize("with_move", [False, True], ids=["find-only", "find-and-move"])
+def test_an_unreadable_identifier_gets_0xc000_with_a_reason(archive, with_move) -> None:
+    """A value the data dictionary's VR cannot hold (2 bytes for an FD, in Implicit VR):
+    0xC000 saying which element, on either acceptor, and the association goes on."""
+    with querying(archive, "ANYONE", with_move, syntaxes=[ImplicitVRLittleEndian]) as assoc:
+        broken = Dataset()
+        broken.QueryRetrieveLevel = "STUDY"
+        broken.PatientID = "P1"
+        broken.add_new(0x00189087, "OB", b"\x01\x02")  # Diffusion b-value, FD
+        [(status, _)] = assoc.send_c_find(broken, StudyRootQueryRetrieveInformationModelFind)
+        assert status.Status == 0xC000
+        assert status.ErrorComment.startswith("(0018,9087)")
+        fine = Dataset()
+        fine.QueryRetrieveLevel = "STUDY"
+        fine.PatientID = "NOBODY"
+        responses = list(assoc.send_c_find(fine, StudyRootQueryRetrieveInformationModelFind))
+        assert [s.Status for s, _ in responses] == [0x0000]
 
 
 def _index_a_large_series(archive: RunningArchive, count: int) -> tuple[str, str]:

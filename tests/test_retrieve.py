@@ -14,7 +14,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from pocketpacs.cli import main
 from tests.conftest import REGION, RunningArchive, dcmtk_env, free_port
@@ -95,6 +98,37 @@ def test_c_move_to_an_unknown_destination_is_refused(region, destination: Path) 
         f"StudyInstanceUID={studies['A']}",
     )
     assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in output, output
+    assert list(destination.iterdir()) == []
+
+
+@pytest.mark.parametrize("model", ["move", "get"])
+def test_a_retrieval_that_cannot_be_matched_says_why(region, destination: Path, model) -> None:
+    """An unknown query level, C-MOVE and C-GET: 0xA900 with an Error Comment naming it,
+    nothing sent."""
+    archive, studies = region
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "FRAME"
+    identifier.StudyInstanceUID = studies["A"]
+    ae = AE(ae_title="NORTHCT")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    sop_class = {
+        "move": StudyRootQueryRetrieveInformationModelMove,
+        "get": StudyRootQueryRetrieveInformationModelGet,
+    }[model]
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", archive.dicom_port, ae_title=archive.ae_title)
+    try:
+        assert assoc.is_established
+        if model == "move":
+            responses = list(assoc.send_c_move(identifier, "DEST", sop_class))
+        else:
+            responses = list(assoc.send_c_get(identifier, sop_class))
+        final = responses[-1][0]
+        assert final.Status == 0xA900
+        assert "FRAME" in final.ErrorComment
+        assoc.release()
+    finally:
+        ae.shutdown()
     assert list(destination.iterdir()) == []
 
 
