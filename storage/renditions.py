@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -39,8 +38,14 @@ WHOLE_OBJECT_BYTES = 16 * 1024 * 1024
 # Part of every rendition key: raise it when the pipeline renders differently, and
 # renditions made before are no longer served.
 PIPELINE_VERSION = 1
-# Renditions waiting to be written to the bucket, at most.
+# Renditions waiting to be written to the bucket: from this many, or this many bytes, they
+# are written at once, busy or not; from twice as many, new ones are not kept.
 KEEPING_AT_MOST = 256
+KEEPING_BYTES = 32 * 1024 * 1024
+# Renditions go to the bucket once no rendered image has been asked for this long: a
+# bucket write costs the object store's CPU, which a phone swiping through a series would
+# otherwise wait for on its next slice.
+QUIET_SECONDS = 0.25
 
 
 def rendition_key(item: Located, frame: int | None, rendering: Rendering) -> str:
@@ -74,22 +79,34 @@ class Rendition:
 
 class Renditions:
     """Rendered frames: from memory or the bucket when made before, else rendered and
-    kept in both. Memory holds the most recently used, up to `memory_bytes`."""
+    kept in both. Memory holds the most recently used, up to `memory_bytes`; the bucket
+    receives new ones behind the requests, when they pause (write-behind)."""
 
-    def __init__(self, objects: ObjectStore, memory_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        memory_bytes: int = 64 * 1024 * 1024,
+        quiet_seconds: float = QUIET_SECONDS,
+    ) -> None:
         self.objects = objects
+        self.quiet_seconds = quiet_seconds
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_bytes = memory_bytes
         self._held = 0
         self._lock = threading.Lock()
-        self._keeper = ThreadPoolExecutor(2, thread_name_prefix="renditions")
-        self._waiting = threading.BoundedSemaphore(KEEPING_AT_MOST)
+        self._waiting: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self._waiting_bytes = 0
+        self._asked_at = 0.0
+        self._closing = False
+        self._wake = threading.Condition(self._lock)
+        self._keeper: threading.Thread | None = None  # started with the first rendition
 
     def rendered(self, item: Located, frame: int | None, rendering: Rendering) -> Rendition:
         """Frame `frame` (1-based; None: the middle one) of `item`, rendered.
 
         FrameNotFound, Undecodable (storage.rendering), ObjectStoreUnavailable."""
         key = rendition_key(item, frame, rendering)
+        self._asked_at = time.monotonic()
         data = self._recall(key)
         if data is not None:
             return Rendition(data, cached=True)
@@ -111,35 +128,69 @@ class Renditions:
         return Rendition(data, cached=False)
 
     def _keep(self, key: str, data: bytes, media_type: str) -> None:
-        """Into the bucket in the background: the caller has its image already, and a
-        rendition lost (too many waiting, bucket down) is only made again when asked."""
-        if not self._waiting.acquire(blocking=False):
-            log.warning("rendition not kept, %d already waiting: %s", KEEPING_AT_MOST, key)
-            return
+        """Queued for the bucket: the caller has its image already, and a rendition lost
+        (the archive stopped, the bucket down) is only made again when asked for."""
+        with self._lock:
+            if self._closing or key in self._waiting:
+                return
+            if self._backlog(2):
+                log.warning("rendition not kept, %d waiting: %s", len(self._waiting), key)
+                return
+            self._waiting[key] = (data, media_type)
+            self._waiting_bytes += len(data)
+            if self._keeper is None:
+                self._keeper = threading.Thread(
+                    target=self._write_behind, name="renditions", daemon=True
+                )
+                self._keeper.start()
+            self._wake.notify()
 
-        def put() -> None:
+    def _backlog(self, factor: int = 1) -> bool:
+        """Renditions waiting reach `factor` times the bounds (the lock held)."""
+        return (
+            len(self._waiting) >= factor * KEEPING_AT_MOST
+            or self._waiting_bytes >= factor * KEEPING_BYTES
+        )
+
+    def _write_behind(self) -> None:
+        """Write waiting renditions one at a time, each once requests have paused for
+        `quiet_seconds` (at once when `KEEPING_AT_MOST` wait, or when closing)."""
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closing:
+                    self._wake.wait()
+                if not self._waiting:
+                    return
+                quiet_for = time.monotonic() - self._asked_at
+                if quiet_for < self.quiet_seconds and not self._backlog() and not self._closing:
+                    self._wake.wait(self.quiet_seconds - quiet_for)
+                    continue
+                key, (data, media_type) = self._waiting.popitem(last=False)
+                self._waiting_bytes -= len(data)
             try:
                 self.objects.put_bytes(key, data, media_type)
             except ObjectStoreUnavailable as exc:
                 log.warning("rendition not kept (%s): %s", key, exc)
-            finally:
-                self._waiting.release()
-
-        try:
-            self._keeper.submit(put)
-        except RuntimeError:  # shutting down
-            self._waiting.release()
+            except Exception:
+                log.exception("rendition not kept: %s", key)
 
     def close(self) -> None:
-        """Wait for the renditions on their way to the bucket."""
-        self._keeper.shutdown(wait=True)
+        """Write the renditions still waiting, then stop."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+            keeper = self._keeper
+        if keeper is not None:
+            keeper.join()
 
     def _recall(self, key: str) -> bytes | None:
         with self._lock:
             data = self._memory.get(key)
             if data is not None:
                 self._memory.move_to_end(key)
-            return data
+                return data
+            waiting = self._waiting.get(key)  # dropped from memory, not written yet
+            return waiting[0] if waiting else None
 
     def _remember(self, key: str, data: bytes) -> None:
         with self._lock:

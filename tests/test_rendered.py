@@ -4,6 +4,7 @@ renderer) or against what a reader would notice on the image."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import time
@@ -21,6 +22,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian
 
+from storage.query import Located
+from storage.rendering import Rendering
+from storage.renditions import RENDERED_PREFIX, Rendition, Renditions, rendition_key
 from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
 from viewer_api.routes.rendered import media_type_of
@@ -435,3 +439,37 @@ def test_a_held_image_is_revalidated_not_sent_again(stored) -> None:
     )
     assert other.status_code == 200
     assert other.headers["etag"] != etag
+
+
+def test_renditions_reach_the_bucket_when_requests_pause(objects) -> None:
+    """A new rendition is served at once and written to the bucket behind the requests:
+    not while they keep coming, and every waiting one when the archive stops (close)."""
+    ds = small_ct(number=1, seed="write-behind")
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    objects.put_bytes("dicom/write-behind.dcm", data, "application/dicom")
+    item = Located(
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        object_key="dicom/write-behind.dcm",
+        size=len(data),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    renditions = Renditions(objects, quiet_seconds=60)
+    try:
+        first = renditions.rendered(item, 1, Rendering())
+        assert not first.cached and first.data.startswith(b"\xff\xd8\xff")
+        assert renditions.rendered(item, 1, Rendering()) == Rendition(first.data, cached=True)
+        time.sleep(0.5)  # the keeper has had time to write, had it not waited
+        assert not list(objects.list(RENDERED_PREFIX))
+    finally:
+        renditions.close()
+    kept = [o.key for o in objects.list(RENDERED_PREFIX)]
+    assert kept == [rendition_key(item, 1, Rendering())]
+    assert objects.get(kept[0]) == first.data
+    # A new process (nothing in memory) is served from the bucket without decoding.
+    assert Renditions(objects).rendered(item, 1, Rendering()) == Rendition(first.data, True)

@@ -164,8 +164,9 @@ async def _respond(
     return Response(body, media_type=rendering.media_type, headers=headers)
 
 
-def _instance(study: str, series: str, instance: str) -> dict[str, str]:
-    """The UIDs of an instance's path (a dependency: FastAPI reads them from the path)."""
+async def _instance(study: str, series: str, instance: str) -> dict[str, str]:
+    """The UIDs of an instance's path (a dependency: FastAPI reads them from the path;
+    async, or FastAPI would hand it to a thread)."""
     return {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": instance}
 
 
