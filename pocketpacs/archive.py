@@ -154,6 +154,7 @@ def serve(settings: Settings) -> None:
                 renditions=renditions,
                 open_access=settings.open,
                 regional_issuer=settings.regional_issuer,
+                public_url=settings.base_url,
             )
         )
         http = uvicorn.Server(

@@ -23,6 +23,7 @@ from storage.index import Index, IndexUnavailable, Origin
 from storage.ingest import InstanceToStore, StoreOutcome, StoreResult
 from storage.objects import ObjectStoreUnavailable
 from storage.registry import DEFAULT_INSTITUTION, Registry, RegistryError, parse_scopes
+from storage.shares import DEFAULT_DAYS, Shares, qr_code, study_institution
 from storage.spool import SpoolBusy
 
 log = logging.getLogger("pocketpacs")
@@ -193,6 +194,37 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_share(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with open_index(settings) as index:
+        institution = study_institution(index, args.study_uid)
+        if institution is None:
+            print(f"pocketpacs share: no study {args.study_uid}", file=sys.stderr)
+            return 1
+        made = Shares(index).create(
+            args.study_uid,
+            institution,
+            "cli",
+            expires_in_days=args.days,
+            access_code=args.code,
+            allow_download=args.download,
+        )
+        _audit_change(index, "share", args.study_uid, institution)
+    url = f"{settings.base_url}/s/{made.token}"
+    prefix = args.qr or Path(f"share-{made.link.id}")
+    for kind in ("png", "svg"):
+        prefix.with_suffix(f".{kind}").write_bytes(qr_code(url, kind))
+    print(url)
+    if made.access_code:
+        print(f"access code: {made.access_code}")
+    print(
+        f"link {made.link.id} for {institution}, expires {made.link.expires_at:%Y-%m-%d %H:%M} UTC;"
+        f" QR code in {prefix.with_suffix('.png')} and {prefix.with_suffix('.svg')}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     with open_index(_settings(args)) as index:
         entries = AuditLog(index).search(
@@ -282,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = actions.add_parser("list", parents=[common], help="list keys (never their secrets)")
     a.add_argument("--institution")
     p.set_defaults(func=cmd_keys)
+
+    p = commands.add_parser("share", parents=[common], help="make a pocket film link and QR code")
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--days", type=int, default=DEFAULT_DAYS, help="days until it expires")
+    p.add_argument("--code", action="store_true", help="demand a 6-digit access code")
+    p.add_argument("--download", action="store_true", help="offer the original DICOM as a ZIP")
+    p.add_argument("--qr", type=Path, help="QR code file name without extension")
+    p.set_defaults(func=cmd_share)
 
     p = commands.add_parser("audit", parents=[common], help="read the audit trail, newest first")
     p.add_argument("--institution")

@@ -13,6 +13,7 @@ from datetime import date, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     ForeignKey,
@@ -168,3 +169,54 @@ class AuditEvent(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     instances: Mapped[int] = mapped_column(Integer, default=0)
     detail: Mapped[str] = mapped_column(LO, default="")
+
+
+# Pocket film (issue 5): share links a patient opens on a phone.
+
+
+class Share(Base):
+    """A link to one study. Only a SHA-256 of its token is kept (the token is the link and
+    is shown once), and of its access code only a SHA-256 taken with the token, so the
+    database alone opens nothing."""
+
+    __tablename__ = "shares"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(UI)
+    institution: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(LO, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    access_code_sha256: Mapped[str | None] = mapped_column(String(64))
+    allow_download: Mapped[bool] = mapped_column(Boolean, default=False)
+    views: Mapped[int] = mapped_column(Integer, default=0)
+    last_view_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ShareDay(Base):
+    """Views of a link on one day (UTC)."""
+
+    __tablename__ = "share_days"
+    __table_args__ = (UniqueConstraint("share_pk", "day"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    share_pk: Mapped[int] = mapped_column(ForeignKey("shares.id"))
+    day: Mapped[date] = mapped_column(Date)
+    views: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ShareFailure(Base):
+    """A wrong access code: counted per link and per address to lock out guessing."""
+
+    __tablename__ = "share_failures"
+    __table_args__ = (
+        Index("ix_share_failures_share_at", "share_pk", "at"),
+        Index("ix_share_failures_source_at", "source", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    share_pk: Mapped[int] = mapped_column(ForeignKey("shares.id"))
+    source: Mapped[str] = mapped_column(LO)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from viewer_api.deps import Services
-from viewer_api.routes import audit, health, metrics, qido, rendered, stow, wado
+from viewer_api.routes import audit, health, metrics, pocket, qido, rendered, shares, stow, wado
 
 
 def create_app(services: Services) -> FastAPI:
@@ -22,4 +22,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(rendered.router)
     app.include_router(stow.router)
     app.include_router(audit.router)
+    app.include_router(shares.router)
+    app.include_router(pocket.router)
+    app.add_exception_handler(pocket.PageError, pocket.page_error_handler)
+    app.add_middleware(pocket.PocketHeaders)
     return app

@@ -18,6 +18,7 @@ from storage.objects import ObjectStore
 from storage.query import Located, Query, QueryLevel, Viewer, locate
 from storage.registry import DEFAULT_INSTITUTION, SCOPES, Caller, Registry
 from storage.renditions import Renditions
+from storage.shares import Shares
 from storage.spool import Spool
 
 log = logging.getLogger("pocketpacs.http")
@@ -33,12 +34,16 @@ class Services:
     registry: Registry | None = None
     audit: AuditLog | None = None
     renditions: Renditions | None = None
+    shares: Shares | None = None
     open_access: bool = False
     regional_issuer: str = ""
+    public_url: str = ""  # where share links point; empty: the address a request came to
 
     def __post_init__(self) -> None:
         if self.renditions is None:  # one per archive: it holds a cache and writer threads
             object.__setattr__(self, "renditions", Renditions(self.objects))
+        if self.shares is None:
+            object.__setattr__(self, "shares", Shares(self.index))
 
     def viewer(self, caller: Caller) -> Viewer:
         """Whose access rules apply to this caller's queries and retrievals."""

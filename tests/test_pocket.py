@@ -1,0 +1,353 @@
+"""Pocket film: share links made by staff, and the page and assets a patient's phone loads
+(issue 5). A real archive over HTTP; the QR codes read back with zbar."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from tests.conftest import RunningArchive, started_archive
+from tests.test_cstore import small_ct, wait_drained
+from tests.test_rendered import _stow
+
+HTML = {"Accept": "text/html"}
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+
+
+def _patient(ds: Dataset) -> Dataset:
+    ds.PatientName = "Smith^John"
+    ds.PatientSex = "M"
+    ds.PatientBirthDate = "19800115"
+    ds.StudyDate = "20240610"
+    ds.InstitutionName = "North Hospital"
+    return ds
+
+
+def _ct(number: int, seed: str) -> Dataset:
+    ds = _patient(small_ct(number=number, seed=seed))
+    ds.BodyPartExamined = "CHEST"
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.WindowCenter, ds.WindowWidth = 500, 4000
+    # Each slice its own picture: a gradient shifted by the slice number.
+    ds.PixelData = (np.arange(64 * 64, dtype=np.int16) // 2 + number * 300).tobytes()
+    return ds
+
+
+def _document(seed: str, sop_class: str, number: int) -> Dataset:
+    """A report in the study of `seed`: a Basic Text SR or an encapsulated PDF."""
+    like = small_ct(seed=seed)
+    ds = Dataset()
+    uid = generate_uid(entropy_srcs=[seed, sop_class])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+    ds.StudyInstanceUID = like.StudyInstanceUID
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, sop_class, "series"])
+    ds.PatientID = like.PatientID
+    ds.InstanceNumber = 1
+    ds.SeriesNumber = number
+    _patient(ds)
+    if sop_class == ENCAPSULATED_PDF:
+        ds.Modality = "DOC"
+        ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+        ds.EncapsulatedDocument = PDF
+        return ds
+    ds.Modality = "SR"
+    ds.ValueType = "CONTAINER"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "18748-4", "LN", "CT Report"
+    ds.ConceptNameCodeSequence = Sequence([title])
+    finding = Dataset()
+    finding.RelationshipType, finding.ValueType = "CONTAINS", "TEXT"
+    name = Dataset()
+    name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = "121071", "DCM", "Finding"
+    finding.ConceptNameCodeSequence = Sequence([name])
+    finding.TextValue = "No acute abnormality."
+    ds.ContentSequence = Sequence([finding])
+    return ds
+
+
+def _blob(ds: Dataset) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(s3_server, tmp_path_factory) -> Iterator[RunningArchive]:
+    """Study A: three CT slices, a text report and a PDF report; study B: one CT slice."""
+    running = started_archive(s3_server, tmp_path_factory.mktemp("pocket"))
+    blobs = [_blob(_ct(n, "study-a")) for n in (1, 2, 3)]
+    blobs += [_blob(_document("study-a", BASIC_TEXT_SR, 90))]
+    blobs += [_blob(_document("study-a", ENCAPSULATED_PDF, 91))]
+    blobs += [_blob(_ct(1, "study-b"))]
+    _stow(running, blobs)
+    wait_drained(running)
+    yield running
+    running.stop()
+
+
+STUDY_A = small_ct(seed="study-a").StudyInstanceUID
+STUDY_B = small_ct(seed="study-b").StudyInstanceUID
+
+
+def share(archive: RunningArchive, study: str = STUDY_A, **options) -> dict:
+    response = httpx.post(f"{archive.http}/api/shares", json={"study_uid": study, **options})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def client(address: str = "10.0.0.1") -> httpx.Client:
+    """A phone at `address` (uvicorn takes X-Forwarded-For from a proxy on loopback)."""
+    return httpx.Client(headers={"X-Forwarded-For": address}, timeout=30)
+
+
+def jpeg(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/jpeg"
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("L"))
+
+
+def test_a_link_opens_its_study_on_a_phone(archive: RunningArchive) -> None:
+    made = share(archive)
+    url = made["url"]
+    token = url.rsplit("/", 1)[1]
+    assert url == f"{archive.http}/s/{token}" and len(token) >= 32  # 192 random bits
+    assert made["qr_png_url"] == url + "/qr.png" and made["access_code"] is None
+    for secret in (STUDY_A, "Smith", "PID"):
+        assert secret not in url
+    with client() as phone:
+        page = phone.get(url, headers=HTML)
+        assert page.status_code == 200 and "app.js" in page.text
+        assert page.headers["cache-control"] == "private, no-cache"
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert phone.get(url + "/app.js").status_code == 200
+        summary = phone.get(url + "/study").json()
+        assert summary["patient"] == {"name": "J*** S***", "sex": "M", "age": "44Y"}
+        assert summary["study"]["date"] == "2024-06-10"
+        assert summary["study"]["institution"] == "North Hospital"
+        assert summary["study"]["modalities"] == ["CT"]
+        assert summary["study"]["body_parts"] == ["CHEST"]
+        assert [s["images"] for s in summary["series"]] == [3]
+        assert summary["series"][0]["presets"] == ["lung", "mediastinum", "bone", "brain"]
+        assert [r["kind"] for r in summary["reports"]] == ["sr", "pdf"]
+        assert summary["download"] is None
+        assert STUDY_A not in str(summary)
+
+        thumbnail = jpeg(phone.get(url + "/series/0/thumbnail"))
+        slices = [jpeg(phone.get(f"{url}/series/0/images/{n}")) for n in range(3)]
+        assert all(s.shape == (64, 64) for s in slices)  # never enlarged
+        assert slices[0].mean() < slices[1].mean() < slices[2].mean()  # each its own slice
+        assert np.abs(thumbnail.astype(int) - slices[1]).mean() < 3  # the middle slice
+        lung = jpeg(phone.get(f"{url}/series/0/images/1", params={"preset": "lung"}))
+        bone = jpeg(phone.get(f"{url}/series/0/images/1", params={"preset": "bone"}))
+        assert lung.mean() > bone.mean() + 20  # soft values: bright in lung, dark in bone
+        assert phone.get(f"{url}/series/0/images/3").status_code == 404
+        assert phone.get(f"{url}/series/0/images/0", params={"size": 300}).status_code == 400
+        assert phone.get(f"{url}/series/0/images/0", params={"preset": "x"}).status_code == 400
+
+        text = phone.get(url + "/" + summary["reports"][0]["url"]).json()["text"]
+        assert "CT Report" in text and "Finding: No acute abnormality." in text
+        pdf = phone.get(url + "/" + summary["reports"][1]["url"])
+        assert pdf.headers["content-type"] == "application/pdf" and pdf.content == PDF
+        assert phone.get(url + "/download").status_code == 403  # not offered by this link
+
+    listed = {s["id"]: s for s in httpx.get(f"{archive.http}/api/shares").json()}
+    assert listed[made["id"]]["views"] == 1 and listed[made["id"]]["state"] == "active"
+    assert listed[made["id"]]["last_view_at"] is not None
+
+
+def test_a_link_reaches_its_study_only(archive: RunningArchive) -> None:
+    """Study B has a series and an image at every position study A's link could name."""
+    url = share(archive)["url"]
+    other = share(archive, STUDY_B)["url"]
+    with client("10.0.0.2") as phone:
+        assert phone.get(f"{other}/series/0/images/0").status_code == 200
+        for path in (
+            "/series/1/thumbnail",
+            "/series/1/images/0",
+            "/series/-1/images/0",
+            "/series/0/images/-1",
+            "/report/2",
+            f"/studies/{STUDY_B}",
+            f"/../../dicomweb/studies/{STUDY_B}/rendered",
+        ):
+            response = phone.get(url + path)
+            assert response.status_code in (404, 422), (path, response.status_code)
+        # Another link's token in the same path shape opens only the other study.
+        summary = phone.get(f"{other}/study").json()
+        assert [s["images"] for s in summary["series"]] == [1] and summary["reports"] == []
+
+
+def test_access_code_then_lockout(archive: RunningArchive) -> None:
+    made = share(archive, access_code=True)
+    url, code = made["url"], made["access_code"]
+    assert code.isdigit() and len(code) == 6
+    wrong = f"{(int(code) + 1) % 10**6:06d}"
+    with client("10.0.1.1") as phone:
+        assert phone.get(url, headers=HTML).status_code == 200  # the page asks for the code
+        for path in ("/study", "/series/0/thumbnail", "/series/0/images/0", "/report/0"):
+            assert phone.get(url + path).status_code == 401, path
+        refused = phone.post(url + "/code", data={"code": wrong})
+        assert refused.status_code == 403 and "4 tries left" in refused.json()["detail"]
+        assert phone.post(url + "/code", data={"code": code}).status_code == 204
+        assert phone.get(url + "/study").status_code == 200  # the cookie opens it now
+        other = share(archive, access_code=True)["url"]
+        assert phone.get(other + "/study").status_code == 401  # a cookie opens one link
+    with client("10.0.1.2") as guesser:
+        for left in (3, 2, 1):  # one failure already counted against this link
+            answer = guesser.post(url + "/code", data={"code": wrong})
+            assert answer.status_code == 403 and f"{left} tries left" in answer.text
+        locked = guesser.post(url + "/code", data={"code": wrong})
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 800
+        # Locked for everyone now, the right code included...
+        assert guesser.post(url + "/code", data={"code": code}).status_code == 429
+    with client("10.0.1.3") as patient:
+        assert patient.post(url + "/code", data={"code": code}).status_code == 429
+    # ...and an address that guessed five times is locked out of other links too.
+    fresh = share(archive, access_code=True)
+    wrong = f"{(int(fresh['access_code']) + 1) % 10**6:06d}"
+    with client("10.0.1.2") as guesser:  # four failures so far from here
+        assert guesser.post(fresh["url"] + "/code", data={"code": wrong}).status_code == 403
+        answer = guesser.post(fresh["url"] + "/code", data={"code": fresh["access_code"]})
+        assert answer.status_code == 429
+    with client("10.0.1.4") as patient:
+        answer = patient.post(fresh["url"] + "/code", data={"code": fresh["access_code"]})
+        assert answer.status_code == 204
+
+
+def _expire(archive: RunningArchive, share_id: int) -> None:
+    """Move a link's expiry into the past, as 30 days passing would."""
+    with sqlite3.connect(archive.data_dir / "index.sqlite3") as db:
+        db.execute(
+            "UPDATE shares SET expires_at = '2020-01-01 00:00:00.000000' WHERE id = ?",
+            (share_id,),
+        )
+
+
+def test_expired_revoked_and_unknown_links_say_so(archive: RunningArchive) -> None:
+    revoked, expired = share(archive), share(archive)
+    assert httpx.delete(f"{archive.http}/api/shares/{revoked['id']}").status_code == 204
+    assert httpx.delete(f"{archive.http}/api/shares/999999").status_code == 404
+    _expire(archive, expired["id"])
+    with client("10.0.2.1") as phone:
+        page = phone.get(revoked["url"], headers=HTML)
+        assert page.status_code == 410 and "withdrawn" in page.text and "default" in page.text
+        assert page.headers["referrer-policy"] == "no-referrer"
+        chinese = phone.get(revoked["url"], headers={**HTML, "Accept-Language": "zh-CN,zh"})
+        assert chinese.status_code == 410 and "撤销" in chinese.text
+        page = phone.get(expired["url"], headers=HTML)
+        assert page.status_code == 410 and "expired" in page.text
+        for url in (revoked["url"], expired["url"]):
+            assert phone.get(url + "/series/0/images/0").status_code == 410
+            assert phone.get(url + "/study").status_code == 410
+        base = revoked["url"].rsplit("/", 1)[0]
+        unknown = phone.get(base + "/" + "A" * 32, headers=HTML)
+        assert unknown.status_code == 404 and "No such link" in unknown.text
+        for malformed in ("short", "A" * 31 + ".", "A" * 33):
+            assert phone.get(f"{base}/{malformed}/study").status_code == 404
+    states = {s["id"]: s["state"] for s in httpx.get(f"{archive.http}/api/shares").json()}
+    assert states[revoked["id"]] == "revoked" and states[expired["id"]] == "expired"
+
+
+def test_download_streams_the_originals(archive: RunningArchive) -> None:
+    url = share(archive, allow_download=True)["url"]
+    with client("10.0.3.1") as phone:
+        assert phone.get(url + "/study").json()["download"] == "download"
+        response = phone.get(url + "/download")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive_zip:
+        names = archive_zip.namelist()
+        datasets = [dcmread(io.BytesIO(archive_zip.read(name))) for name in names]
+    assert len(names) == 5
+    assert {str(ds.StudyInstanceUID) for ds in datasets} == {STUDY_A}
+    stored = {_ct(n, "study-a").SOPInstanceUID for n in (1, 2, 3)}
+    assert stored <= {str(ds.SOPInstanceUID) for ds in datasets}
+    assert all("Smith" not in name and STUDY_A not in name for name in names)
+
+
+def _zbar(png: bytes, folder: Path) -> str:
+    path = folder / "qr.png"
+    path.write_bytes(png)
+    out = subprocess.run(
+        ["zbarimg", "--quiet", "--raw", str(path)], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_qr_codes_decode_to_the_link(archive: RunningArchive, tmp_path: Path) -> None:
+    made = share(archive)
+    png = httpx.get(made["qr_png_url"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert _zbar(png.content, tmp_path) == made["url"]
+    svg = httpx.get(made["url"] + "/qr.svg")
+    assert svg.status_code == 200 and svg.content.lstrip().startswith(b"<svg")
+    # The command line: prints the link, writes the QR code as PNG and SVG.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pocketpacs",
+            "share",
+            STUDY_A,
+            "--data-dir",
+            str(archive.data_dir),
+            "--code",
+            "--days",
+            "7",
+            "--qr",
+            str(tmp_path / "film"),
+        ],
+        env=archive.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    url, code_line = out.stdout.split("\n")[:2]
+    assert code_line.startswith("access code: ")
+    assert _zbar((tmp_path / "film.png").read_bytes(), tmp_path) == url
+    assert (tmp_path / "film.svg").read_bytes().lstrip().startswith(b"<svg")
+    assert httpx.get(url.replace(url.split("/s/")[0], archive.http) + "/study").status_code == 401
+
+
+def test_views_and_failures_are_audited_without_tokens(archive: RunningArchive) -> None:
+    made = share(archive, access_code=True)
+    token = made["url"].rsplit("/", 1)[1]
+    with client("10.0.4.1") as phone:
+        phone.post(
+            made["url"] + "/code",
+            data={"code": "000000" if made["access_code"] != "000000" else "111111"},
+        )
+        phone.post(made["url"] + "/code", data={"code": made["access_code"]})
+        phone.get(made["url"] + "/study")
+    events = httpx.get(f"{archive.http}/api/audit", params={"limit": 500}).json()
+    mine = [e for e in events if e["actor"] == f"link {made['id']}"]
+    assert {(e["action"], e["outcome"]) for e in mine} >= {
+        ("share-code", "failed"),
+        ("share-view", "ok"),
+    }
+    assert any(e["action"] == "share" and e["outcome"] == "ok" for e in events)
+    assert all(token not in str(e) for e in events)
+    assert token not in archive.log_path.read_text()
