@@ -7,6 +7,7 @@ import io
 import sqlite3
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import sync_playwright
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -351,3 +353,100 @@ def test_views_and_failures_are_audited_without_tokens(archive: RunningArchive) 
     assert any(e["action"] == "share" and e["outcome"] == "ok" for e in events)
     assert all(token not in str(e) for e in events)
     assert token not in archive.log_path.read_text()
+
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def _pinch(page, cdp, spread: float) -> None:
+    """Two fingers on the image moving apart by `spread` pixels (real touch events)."""
+    box = page.locator("#stage").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+    def points(d: float) -> list[dict]:
+        return [{"x": cx - d, "y": cy, "id": 1}, {"x": cx + d, "y": cy, "id": 2}]
+
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": points(20)})
+    for step in range(1, 11):
+        d = 20 + spread * step / 10
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": points(d)})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
+def _shown(image, in_source: str = "", timeout: float = 30.0) -> None:
+    """Wait until an <img> has loaded a picture (from a source holding `in_source`). Read
+    through the DevTools protocol: the page's CSP forbids evaluating strings."""
+    deadline = time.monotonic() + timeout
+    check = "(i, part) => i.complete && i.naturalWidth > 0 && i.src.includes(part)"
+    while not image.evaluate(check, in_source):
+        assert time.monotonic() < deadline, f"image not shown: {image}"
+        time.sleep(0.05)
+
+
+def test_a_patient_opens_the_pocket_film_on_a_phone(archive: RunningArchive) -> None:
+    """Headless Chromium as a phone (390x844, touch): the code, the thumbnails, a swipe to
+    the next slice, a pinch, a window preset, the report, the ZIP download."""
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed (.ci/run installs it)"
+    made = share(archive, access_code=True, allow_download=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        context = browser.new_context(
+            viewport={"width": 390, "height": 844},
+            device_scale_factor=3,
+            is_mobile=True,
+            has_touch=True,
+            locale="en-US",
+            accept_downloads=True,
+        )
+        page = context.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.on(
+            "response",
+            lambda r: r.status >= 400 and problems.append(f"{r.status} {r.url.split('/s/')[-1]}"),
+        )
+        page.goto(made["url"])
+        page.locator("#code-input").wait_for()
+        page.screenshot(path=ARTIFACTS / "pocket-1-code.png")
+        page.fill("#code-input", made["access_code"])
+        page.click("#code button")
+        first_thumbnail = page.locator("#strip img").first
+        first_thumbnail.wait_for()
+        _shown(first_thumbnail)
+        assert page.locator("#code").is_hidden()
+        assert page.locator("#patient").inner_text() == "J*** S***"
+        assert "North Hospital" in page.locator("#facts").inner_text()
+        _shown(page.locator("#slice"))
+        assert page.locator("#position").inner_text() == "2 / 3"
+        page.screenshot(path=ARTIFACTS / "pocket-2-study.png")
+
+        box = page.locator("#stage").bounding_box()
+        y = box["y"] + box["height"] / 2
+        page.mouse.move(box["x"] + 300, y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 280, y, steps=4)  # a short drag left: the next slice
+        page.mouse.up()
+        assert page.locator("#position").inner_text() == "3 / 3"
+
+        _pinch(page, context.new_cdp_session(page), 80)
+        assert float(page.locator("#stage").get_attribute("data-zoom")) > 1.5
+        page.screenshot(path=ARTIFACTS / "pocket-3-zoomed.png")
+
+        page.get_by_role("button", name="Lung").click()
+        _shown(page.locator("#slice"), "preset=lung")
+        page.locator("#report-text").filter(has_text="No acute abnormality").wait_for()
+        page.screenshot(path=ARTIFACTS / "pocket-4-lung-report.png", full_page=True)
+
+        with page.expect_download() as downloading:
+            page.click("#download")
+        saved = ARTIFACTS / "pocket-study.zip"
+        downloading.value.save_as(saved)
+        browser.close()
+    with zipfile.ZipFile(saved) as bundle:
+        datasets = [dcmread(io.BytesIO(bundle.read(name))) for name in bundle.namelist()]
+    assert {str(ds.StudyInstanceUID) for ds in datasets} == {STUDY_A} and len(datasets) == 5
+    token = made["url"].rsplit("/", 1)[1]
+    # The only refusal: the study asked for before the code was given; no script error.
+    assert [p.replace(token, "T") for p in problems if "favicon" not in p] == ["401 T/study"]

@@ -231,8 +231,10 @@ def _asset(name: str, media_type: str) -> Response:
 
 @router.get("")
 async def page(link: OpenedLink) -> Response:
-    """The app shell: the script asks for the code when the link has one."""
-    return _asset("index.html", "text/html; charset=utf-8")
+    """The app shell: the script asks for the code when the link has one. Its two assets
+    are named from the root: relative to `/s/{token}` they would fall outside the link."""
+    shell = (ASSETS / "index.html").read_text().replace("{base}", f"/s/{link.token}")
+    return Response(shell, media_type="text/html; charset=utf-8")
 
 
 @router.get("/app.js")
