@@ -45,6 +45,10 @@ class Services:
         if self.shares is None:
             object.__setattr__(self, "shares", Shares(self.index))
 
+    def link_base(self, request: Request) -> str:
+        """Where share links point: the public URL, else the address this request came to."""
+        return self.public_url or str(request.base_url).rstrip("/")
+
     def viewer(self, caller: Caller) -> Viewer:
         """Whose access rules apply to this caller's queries and retrievals."""
         return Viewer(caller.institution, self.regional_issuer)

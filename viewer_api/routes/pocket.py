@@ -511,16 +511,11 @@ async def download(request: Request, services: ServicesDep, link: UnlockedLink) 
 # The QR code of the link (no code needed: it holds only the link itself).
 
 
-def _link_url(services: Services, request: Request, token: str) -> str:
-    base = services.public_url or str(request.base_url).rstrip("/")
-    return f"{base}/s/{token}"
-
-
 @router.get("/qr.{kind}")
 async def qr(kind: str, request: Request, services: ServicesDep, link: OpenedLink) -> Response:
     if kind not in ("png", "svg"):
         raise HTTPException(404, "the QR code is qr.png or qr.svg")
-    data = qr_code(_link_url(services, request, link.token), kind)
+    data = qr_code(f"{services.link_base(request)}/s/{link.token}", kind)
     return Response(data, media_type="image/png" if kind == "png" else "image/svg+xml")
 
 

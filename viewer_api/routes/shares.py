@@ -111,8 +111,7 @@ def _create(services: Services, caller: Caller, body: NewShareRequest, base: str
 async def create_share(
     body: NewShareRequest, request: Request, services: ServicesDep, caller: ShareCaller
 ) -> dict:
-    base = services.public_url or str(request.base_url).rstrip("/")
-    return await run_in_threadpool(_create, services, caller, body, base)
+    return await run_in_threadpool(_create, services, caller, body, services.link_base(request))
 
 
 @router.get("", response_model=list[ShareOut], summary="This institution's share links")
