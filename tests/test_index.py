@@ -73,11 +73,14 @@ def test_migrate_creates_schema_and_is_idempotent(index: Index) -> None:
         "nodes",
         "api_keys",
         "audit_events",
+        "shares",
+        "share_days",
+        "share_failures",
         "alembic_version",
     } <= tables
     with index.engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [
-            ("0003",)
+            ("0004",)
         ]
     assert record(index, header("1.2.3.1"))
 
@@ -86,7 +89,7 @@ def test_migrate_creates_schema_and_is_idempotent(index: Index) -> None:
     index.migrate()
     with index.engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [
-            ("0003",)
+            ("0004",)
         ]
     assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
     assert index.find("1.2.3.1") is not None
