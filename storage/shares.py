@@ -14,6 +14,9 @@ import hmac
 import io
 import re
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -33,6 +36,9 @@ CODE_DIGITS = 6
 LOCK_AFTER = 5
 LOCK_MINUTES = 15
 DEFAULT_DAYS = 30
+# How long a study's arrangement for the page is reused, and for how many studies.
+STUDY_SECONDS = 5.0
+STUDIES_KEPT = 256
 LONGEST_DAYS = 3650
 
 # Reports a pocket film shows as such rather than as images.
@@ -145,6 +151,26 @@ class Shares:
     def __init__(self, index: Index, clock: Callable[[], datetime] | None = None) -> None:
         self.index = index
         self.clock = clock or (lambda: datetime.now(UTC))
+        self._studies: OrderedDict[str, tuple[float, PocketStudy | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def study(self, study_instance_uid: str) -> PocketStudy | None:
+        """`pocket_study`, remembered for `STUDY_SECONDS`: a phone swiping through a
+        series asks for it with every slice. Whether the link still opens is never
+        remembered; only how the study is arranged, which new instances change late by
+        at most that long."""
+        now = time.monotonic()
+        with self._lock:
+            found = self._studies.get(study_instance_uid)
+            if found is not None and now - found[0] < STUDY_SECONDS:
+                return found[1]
+        arranged = pocket_study(self.index, study_instance_uid)
+        with self._lock:
+            self._studies[study_instance_uid] = (now, arranged)
+            self._studies.move_to_end(study_instance_uid)
+            while len(self._studies) > STUDIES_KEPT:
+                self._studies.popitem(last=False)
+        return arranged
 
     def create(
         self,

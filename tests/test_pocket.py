@@ -22,6 +22,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from pocketpacs.cli import main
+from storage.shares import masked_name
 from tests.conftest import RunningArchive, started_archive
 from tests.test_cstore import small_ct, wait_drained
 from tests.test_rendered import _stow
@@ -450,3 +452,53 @@ def test_a_patient_opens_the_pocket_film_on_a_phone(archive: RunningArchive) -> 
     token = made["url"].rsplit("/", 1)[1]
     # The only refusal: the study asked for before the code was given; no script error.
     assert [p.replace(token, "T") for p in problems if "favicon" not in p] == ["401 T/study"]
+
+
+@pytest.mark.parametrize(
+    ("name", "masked"),
+    [
+        ("Smith^John", "J*** S***"),
+        ("Wang^Xiaoming=王^小明", "王*明"),
+        ("Zhang^Ming=张^明", "张*"),
+        ("张三明", "张*明"),
+        ("Madonna", "M***"),
+        ("", ""),
+    ],
+)
+def test_names_are_masked(name: str, masked: str) -> None:
+    assert masked_name(name) == masked
+
+
+def test_staff_share_only_what_their_key_may(region, capsys: pytest.CaptureFixture[str]) -> None:
+    """Sharing needs the `share` scope and a study the institution may see; links are
+    listed and revoked by their own institution only."""
+    archive, studies = region
+    data = ["--data-dir", str(archive.data_dir)]
+    keys = {}
+    for name, institution, scope in (
+        ("north", "north", "share"),
+        ("north-read", "north", "read"),
+        ("south", "south", "share"),
+    ):
+        assert main(["keys", "create", "--institution", institution, "--scope", scope, *data]) == 0
+        keys[name] = {"Authorization": f"Bearer {capsys.readouterr().out.strip()}"}
+
+    def post(key: dict | None, study: str) -> httpx.Response:
+        return httpx.post(
+            f"{archive.http}/api/shares", json={"study_uid": study}, headers=key or {}
+        )
+
+    assert post(None, studies["A"]).status_code == 401
+    assert post(keys["north-read"], studies["A"]).status_code == 403
+    assert post(keys["south"], studies["A"]).status_code == 404  # north's study, no patient id
+    assert post(keys["north"], "1.2.3.bad..uid").status_code == 400
+    north = post(keys["north"], studies["A"])
+    south = post(keys["south"], studies["C"])
+    assert north.status_code == south.status_code == 201
+    listed = httpx.get(f"{archive.http}/api/shares", headers=keys["north"]).json()
+    assert [s["id"] for s in listed] == [north.json()["id"]]
+    revoke = f"{archive.http}/api/shares/{north.json()['id']}"
+    assert httpx.delete(revoke, headers=keys["south"]).status_code == 404
+    assert httpx.get(north.json()["url"] + "/study").status_code == 200  # still open
+    assert httpx.delete(revoke, headers=keys["north"]).status_code == 204
+    assert httpx.get(north.json()["url"] + "/study").status_code == 410  # at once

@@ -39,7 +39,6 @@ from storage.shares import (
     Shares,
     WrongCode,
     masked_token,
-    pocket_study,
     qr_code,
     session_cookie,
 )
@@ -282,7 +281,7 @@ async def give_code(
 
 
 def _study(services: Services, link: Opened) -> PocketStudy:
-    found = pocket_study(services.index, link.link.study_instance_uid)
+    found = _shares(services).study(link.link.study_instance_uid)
     if found is None:
         raise HTTPException(404, "the study of this link holds nothing now")
     return found
