@@ -131,7 +131,8 @@ def report(data: dict) -> str:
         "issue's budget.",
         "",
         f"- {env['nproc']} CPUs ({env['cpu']}), kernel `{env['kernel']}`; shared machine",
-        f"- pocketpacs commit `{env['pocketpacs_commit']}`; Chromium `{data['chromium']}` (Debian), "
+        f"- pocketpacs commit `{env['pocketpacs_commit']}`; "
+        f"Chromium `{data['chromium']}` (Debian), "
         "390x844 at DPR 3, touch, cache off, Fast 4G (9 Mbit/s down, 1.5 up, 165 ms)",
         f"- study: CT, {data['ct_images']} slices in 2 series; {len(visits)} cold visits",
         "",

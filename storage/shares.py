@@ -237,11 +237,22 @@ class Shares:
             if row is None:
                 raise ShareNotFound("no such link")
             link = _link(row)
-            if link.revoked_at is not None:
-                raise ShareGone("revoked", link.institution)
-            if link.expires_at <= self.clock():
-                raise ShareGone("expired", link.institution)
-            return link, row.access_code_sha256
+            reason = (
+                "revoked"
+                if link.revoked_at is not None
+                else "expired"
+                if link.expires_at <= self.clock()
+                else None
+            )
+            if reason is None:
+                return link, row.access_code_sha256
+            # Whom to ask: the hospital as the patient knows it, from the study itself.
+            hospital = session.scalar(
+                select(Study.institution_name).where(
+                    Study.study_instance_uid == link.study_instance_uid
+                )
+            )
+            raise ShareGone(reason, hospital or link.institution)
 
     def locked_for(self, link: ShareLink, source: str) -> int:
         """Seconds until this link, or this address, may try a code again (0: now)."""

@@ -10,6 +10,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -179,6 +180,8 @@ def test_a_link_opens_its_study_on_a_phone(archive: RunningArchive) -> None:
     listed = {s["id"]: s for s in httpx.get(f"{archive.http}/api/shares").json()}
     assert listed[made["id"]]["views"] == 1 and listed[made["id"]]["state"] == "active"
     assert listed[made["id"]]["last_view_at"] is not None
+    detail = httpx.get(f"{archive.http}/api/shares/{made['id']}").json()
+    assert detail["views_by_day"] == {datetime.now(UTC).date().isoformat(): 1}
 
 
 def test_a_link_reaches_its_study_only(archive: RunningArchive) -> None:
@@ -195,6 +198,9 @@ def test_a_link_reaches_its_study_only(archive: RunningArchive) -> None:
             "/report/2",
             f"/studies/{STUDY_B}",
             f"/../../dicomweb/studies/{STUDY_B}/rendered",
+            "/series/0%2F..%2F..%2F1/thumbnail",
+            "/series/1.0/images/0",
+            "/series/0/images/0x1",
         ):
             response = phone.get(url + path)
             assert response.status_code in (404, 422), (path, response.status_code)
@@ -256,7 +262,8 @@ def test_expired_revoked_and_unknown_links_say_so(archive: RunningArchive) -> No
     _expire(archive, expired["id"])
     with client("10.0.2.1") as phone:
         page = phone.get(revoked["url"], headers=HTML)
-        assert page.status_code == 410 and "withdrawn" in page.text and "default" in page.text
+        assert page.status_code == 410 and "withdrawn" in page.text
+        assert "North Hospital" in page.text  # whom to ask, as the patient knows it
         assert page.headers["referrer-policy"] == "no-referrer"
         chinese = phone.get(revoked["url"], headers={**HTML, "Accept-Language": "zh-CN,zh"})
         assert chinese.status_code == 410 and "撤销" in chinese.text
@@ -387,8 +394,9 @@ def _shown(image, in_source: str = "", timeout: float = 30.0) -> None:
 
 
 def test_a_patient_opens_the_pocket_film_on_a_phone(archive: RunningArchive) -> None:
-    """Headless Chromium as a phone (390x844, touch): the code, the thumbnails, a swipe to
-    the next slice, a pinch, a window preset, the report, the ZIP download."""
+    """Headless Chromium as a phone (390x844, touch): the code, the thumbnails, the
+    neighbours preloaded, a drag to the next slice, a pinch, a pan, a double tap, a window
+    preset, the report, the ZIP download; then in Chinese on a small phone (360x640)."""
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed (.ci/run installs it)"
     made = share(archive, access_code=True, allow_download=True)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -409,6 +417,8 @@ def test_a_patient_opens_the_pocket_film_on_a_phone(archive: RunningArchive) -> 
             "response",
             lambda r: r.status >= 400 and problems.append(f"{r.status} {r.url.split('/s/')[-1]}"),
         )
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url))
         page.goto(made["url"])
         page.locator("#code-input").wait_for()
         page.screenshot(path=ARTIFACTS / "pocket-1-code.png")
@@ -419,9 +429,12 @@ def test_a_patient_opens_the_pocket_film_on_a_phone(archive: RunningArchive) -> 
         _shown(first_thumbnail)
         assert page.locator("#code").is_hidden()
         assert page.locator("#patient").inner_text() == "J*** S***"
+        assert page.locator("#facts").inner_text().startswith("Male · 44 y · 2024-06-10 · CT")
         assert "North Hospital" in page.locator("#facts").inner_text()
         _shown(page.locator("#slice"))
         assert page.locator("#position").inner_text() == "2 / 3"
+        for neighbour in (0, 2):  # preloaded while slice 2 is shown
+            assert any(f"/series/0/images/{neighbour}?size=" in url for url in asked)
         page.screenshot(path=ARTIFACTS / "pocket-2-study.png")
 
         box = page.locator("#stage").bounding_box()
@@ -435,6 +448,20 @@ def test_a_patient_opens_the_pocket_film_on_a_phone(archive: RunningArchive) -> 
         _pinch(page, context.new_cdp_session(page), 80)
         assert float(page.locator("#stage").get_attribute("data-zoom")) > 1.5
         page.screenshot(path=ARTIFACTS / "pocket-3-zoomed.png")
+        before = page.locator("#slice").evaluate("i => i.style.transform")
+        page.mouse.move(box["x"] + 200, y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 260, y + 40, steps=4)  # zoomed in, a drag pans
+        page.mouse.up()
+        assert page.locator("#slice").evaluate("i => i.style.transform") != before
+        assert page.locator("#position").inner_text() == "3 / 3"  # the same slice
+        center = (box["x"] + box["width"] / 2, y)
+        page.touchscreen.tap(*center)
+        page.touchscreen.tap(*center)  # a double tap when zoomed: back to the whole image
+        assert page.locator("#stage").get_attribute("data-zoom") == "1.00"
+        page.touchscreen.tap(*center)
+        page.touchscreen.tap(*center)  # and again: zoomed in where tapped
+        assert page.locator("#stage").get_attribute("data-zoom") == "2.50"
 
         page.get_by_role("button", name="Lung").click()
         _shown(page.locator("#slice"), "preset=lung")
@@ -445,6 +472,26 @@ def test_a_patient_opens_the_pocket_film_on_a_phone(archive: RunningArchive) -> 
             page.click("#download")
         saved = ARTIFACTS / "pocket-study.zip"
         downloading.value.save_as(saved)
+
+        small = browser.new_context(
+            viewport={"width": 360, "height": 640},
+            device_scale_factor=2,
+            is_mobile=True,
+            has_touch=True,
+            locale="zh-CN",
+        )
+        chinese = small.new_page()
+        chinese.goto(share(archive)["url"])
+        _shown(chinese.locator("#strip img").first)
+        _shown(chinese.locator("#slice"))
+        assert chinese.locator("#facts").inner_text().startswith("男 · 44岁 · 2024-06-10")
+        assert chinese.get_by_role("button", name="肺窗").is_visible()
+        assert chinese.evaluate("() => document.documentElement.scrollWidth") <= 360
+        heights = chinese.locator("#presets button").evaluate_all(
+            "buttons => buttons.map(b => b.getBoundingClientRect().height)"
+        )
+        assert len(heights) == 5 and min(heights) >= 44  # a thumb's target
+        chinese.screenshot(path=ARTIFACTS / "pocket-5-chinese-360x640.png")
         browser.close()
     with zipfile.ZipFile(saved) as bundle:
         datasets = [dcmread(io.BytesIO(bundle.read(name))) for name in bundle.namelist()]

@@ -6,13 +6,15 @@
       wrong: "Wrong code", locked: "Too many wrong codes. Try again later.", gone: "This link no longer opens.",
       missing: "No such link.", failed: "Could not load. Check the connection and try again.",
       default: "Default", lung: "Lung", mediastinum: "Mediastinum", bone: "Bone", brain: "Brain",
-      sex: {M: "Male", F: "Female", O: "Other"}, images: "images"},
+      sex: {M: "Male", F: "Female", O: "Other"}, images: "images",
+      age: (a) => a.replace(/^(\d+)Y$/, "$1 y").replace(/^(\d+)M$/, "$1 mo")},
     zh: {codeTitle: "请输入查阅码", codeHelp: "6 位查阅码印在您的报告单上。", open: "打开",
       report: "报告", download: "下载原始 DICOM", pdf: "打开报告 (PDF)", loading: "加载中…",
       wrong: "查阅码错误", locked: "错误次数过多，请稍后再试。", gone: "此链接已失效。",
       missing: "链接不存在。", failed: "加载失败，请检查网络后重试。",
       default: "默认", lung: "肺窗", mediastinum: "纵隔窗", bone: "骨窗", brain: "脑窗",
-      sex: {M: "男", F: "女", O: "其他"}, images: "幅"},
+      sex: {M: "男", F: "女", O: "其他"}, images: "幅",
+      age: (a) => a.replace(/^(\d+)Y$/, "$1岁").replace(/^(\d+)M$/, "$1个月")},
   };
   const lang = (navigator.language || "en").toLowerCase().startsWith("zh") ? "zh" : "en";
   const t = T[lang];
@@ -56,7 +58,7 @@
   function show() {
     const p = study.patient, s = study.study;
     $("patient").textContent = p.name;
-    $("facts").textContent = [t.sex[p.sex] || p.sex, p.age, s.date, s.modalities.join("/"),
+    $("facts").textContent = [t.sex[p.sex] || p.sex, t.age(p.age), s.date, s.modalities.join("/"),
       s.body_parts.join("/"), s.institution].filter(Boolean).join(" · ");
     document.title = [p.name, s.date].filter(Boolean).join(" ");
     const strip = $("strip");

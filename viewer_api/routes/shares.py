@@ -44,6 +44,10 @@ class ShareOut(BaseModel):
     last_view_at: datetime | None
 
 
+class ShareDetailOut(ShareOut):
+    views_by_day: dict[str, int] = Field(description="views per UTC day, ISO dates")
+
+
 class NewShareOut(ShareOut):
     url: str
     qr_png_url: str
@@ -118,6 +122,19 @@ async def create_share(
 async def list_shares(services: ServicesDep, caller: ShareCaller) -> list[dict]:
     links = await run_in_threadpool(_shares(services).list, caller.institution)
     return [_out(link) for link in links]
+
+
+def _detail(services: Services, caller: Caller, share_id: int) -> dict:
+    link = next((k for k in _shares(services).list(caller.institution) if k.id == share_id), None)
+    if link is None:
+        raise HTTPException(404, "no such share link for this institution")
+    days = _shares(services).views_by_day(share_id)
+    return {**_out(link), "views_by_day": {d.isoformat(): n for d, n in sorted(days.items())}}
+
+
+@router.get("/{share_id}", response_model=ShareDetailOut, summary="A share link and its views")
+async def share_detail(share_id: int, services: ServicesDep, caller: ShareCaller) -> dict:
+    return await run_in_threadpool(_detail, services, caller, share_id)
 
 
 def _revoke(services: Services, caller: Caller, share_id: int) -> None:
