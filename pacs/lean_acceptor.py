@@ -141,15 +141,19 @@ class LeanAcceptor:
             sock.sendall(REJECT_CALLING_AE)
             self.context.refuse(calling_ae, address[0], "calling AE title not registered")
             return True
-        accepted = self._negotiate(request)
-        if accepted is None:
-            sock.settimeout(timeout)
-            return False
-        _discard(sock, PDU_HEADER.size + _pdu_length(sock))
         if not self._slots.acquire(blocking=False):
+            _discard(sock, PDU_HEADER.size + _pdu_length(sock))
             sock.sendall(REJECT_BUSY)
+            self.context.refuse(calling_ae, address[0], "too many associations at once")
             return True
+        handed_over = False
         try:
+            accepted = self._negotiate(request)
+            if accepted is None:  # pynetdicom's to serve; `closed` frees its slot
+                sock.settimeout(timeout)
+                handed_over = True
+                return False
+            _discard(sock, PDU_HEADER.size + _pdu_length(sock))
             sock.sendall(self._accept_pdu(request, accepted))
             contexts = {cx.context_id: cx for cx in accepted if cx.result == 0}
             tally = AssociationTally(calling_ae, address[0], institution)
@@ -159,8 +163,13 @@ class LeanAcceptor:
             finally:
                 self.context.finish(tally)
         finally:
-            self._slots.release()
+            if not handed_over:
+                self._slots.release()
         return True
+
+    def closed(self, event: object) -> None:
+        """An association pynetdicom served has closed (EVT_CONN_CLOSE): its slot is free."""
+        self._slots.release()
 
     def _negotiate(self, request: A_ASSOCIATE) -> list[PresentationContext] | None:
         """The presentation context results, or None if this is not an association to take."""

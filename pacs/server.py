@@ -11,7 +11,7 @@ import tempfile
 import threading
 
 from pydicom import uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
@@ -147,8 +147,10 @@ class DicomServer:
         index: Index | None = None,
         registry: Registry | None = None,
         regional_issuer: str = "",
+        maximum_associations: int = MAXIMUM_ASSOCIATIONS,
     ) -> None:
         self.ae_title = ae_title
+        self.maximum_associations = maximum_associations
         self.host = host
         self.port = port
         self.context = DicomContext(
@@ -165,7 +167,7 @@ class DicomServer:
     def _application_entity(self) -> AE:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
-        ae.maximum_associations = MAXIMUM_ASSOCIATIONS
+        ae.maximum_associations = self.maximum_associations
         ae.require_called_aet = True
         syntaxes = transfer_syntax_preference()
         ae.add_supported_context(Verification, syntaxes)
@@ -193,13 +195,14 @@ class DicomServer:
             self.ae_title,
             [cx for cx in ae.supported_contexts if cx.abstract_syntax not in RETRIEVE_MODELS],
             UNLIMITED_PDU_SIZE,
-            MAXIMUM_ASSOCIATIONS,
+            self.maximum_associations,
             self.context,
         )
         self._server = ae.make_server(
             (self.host, self.port),
             contexts=[_SharedUIDContext.of(cx) for cx in ae.supported_contexts],
-            evt_handlers=bindings(self.context),
+            # The acceptor counts pynetdicom's associations too: one limit for all.
+            evt_handlers=[*bindings(self.context), (evt.EVT_CONN_CLOSE, acceptor.closed)],
             server_class=_Listener,
             acceptor=acceptor,
         )

@@ -142,6 +142,7 @@ def serve(settings: Settings) -> None:
             index=core.index,
             registry=registry,
             regional_issuer=settings.regional_issuer,
+            maximum_associations=settings.max_associations,
         )
         dicom.start()
         app = create_app(

@@ -39,6 +39,9 @@ class Settings(BaseModel):
     s3_secure: bool = False
     public_url: str | None = None
     ingest_workers: int = Field(8, ge=1, le=64)
+    # DICOM associations served at once, every kind together; the next caller is
+    # rejected at once (A-ASSOCIATE-RJ, transient, local limit exceeded).
+    max_associations: int = Field(64, ge=1, le=1000)
     spool_limit_mb: int = Field(20_000, ge=1)
     spool_defer_seconds: float = Field(30.0, ge=0, le=3600)
     # Issuer of the region's patient identifier: a PatientID with this issuer recognises
