@@ -208,7 +208,8 @@ class ShareDay(Base):
 
 
 class ShareFailure(Base):
-    """A wrong access code: counted per link and per address to lock out guessing."""
+    """A wrong access code (its link) or a token that opens nothing (no link): counted per
+    link and per address to lock out guessing."""
 
     __tablename__ = "share_failures"
     __table_args__ = (
@@ -217,6 +218,6 @@ class ShareFailure(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    share_pk: Mapped[int] = mapped_column(ForeignKey("shares.id"))
+    share_pk: Mapped[int | None] = mapped_column(ForeignKey("shares.id"))
     source: Mapped[str] = mapped_column(LO)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

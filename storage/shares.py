@@ -35,6 +35,8 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 CODE_DIGITS = 6
 LOCK_AFTER = 5
 LOCK_MINUTES = 15
+# Tokens that open nothing, from one address in LOCK_MINUTES, before it may try no more.
+MISSES_AFTER = 20
 DEFAULT_DAYS = 30
 # How long a study's arrangement for the page is reused, and for how many studies.
 STUDY_SECONDS = 5.0
@@ -223,18 +225,37 @@ class Shares:
                 session.commit()
             return _link(row)
 
-    def open(self, token: str) -> tuple[ShareLink, str | None]:
+    def open(self, token: str, source: str = "") -> tuple[ShareLink, str | None]:
         """The link a token opens and its access code's digest (None: no code).
 
-        ShareNotFound for a malformed or unknown token, ShareGone when it expired or was
-        revoked."""
-        if not _TOKEN.fullmatch(token):
-            raise ShareNotFound("no such link")
+        ShareNotFound for a malformed or unknown token (counted against `source`),
+        ShareLocked when `source` tried too many of those, ShareGone when the link expired
+        or was revoked. The token is looked up by its digest: a token right in all but one
+        character is as far from a link as any other."""
+        since = self.clock() - timedelta(minutes=LOCK_MINUTES)
         with self._session() as session:
-            row = session.scalars(
-                select(Share).where(Share.token_sha256 == token_sha256(token))
-            ).first()
+            misses = session.scalars(
+                select(ShareFailure.at)
+                .where(
+                    ShareFailure.source == source,
+                    ShareFailure.share_pk.is_(None),
+                    ShareFailure.at > since,
+                )
+                .order_by(ShareFailure.at.desc())
+                .limit(MISSES_AFTER)
+            ).all()
+            if len(misses) >= MISSES_AFTER:
+                oldest = _aware(misses[-1])
+                assert oldest is not None
+                raise ShareLocked(int((oldest - since).total_seconds()) + 1)
+            row = None
+            if _TOKEN.fullmatch(token):
+                row = session.scalars(
+                    select(Share).where(Share.token_sha256 == token_sha256(token))
+                ).first()
             if row is None:
+                session.add(ShareFailure(share_pk=None, source=source, at=self.clock()))
+                session.commit()
                 raise ShareNotFound("no such link")
             link = _link(row)
             reason = (

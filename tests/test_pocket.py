@@ -549,3 +549,23 @@ def test_staff_share_only_what_their_key_may(region, capsys: pytest.CaptureFixtu
     assert httpx.get(north.json()["url"] + "/study").status_code == 200  # still open
     assert httpx.delete(revoke, headers=keys["north"]).status_code == 204
     assert httpx.get(north.json()["url"] + "/study").status_code == 410  # at once
+
+
+def test_guessing_tokens_locks_the_address(archive: RunningArchive, capsys) -> None:
+    """Tokens that open nothing are counted per address: after 20 in 15 minutes the
+    address opens no link, a real one included, while others still can; all audited."""
+    real = share(archive)["url"]
+    base = real.rsplit("/", 1)[0]
+    with client("10.0.5.1") as guesser:
+        for n in range(20):
+            guess = f"{n:032d}" if n % 2 else f"guess-{n}"  # well formed or not
+            assert guesser.get(f"{base}/{guess}/study").status_code == 404
+        locked = guesser.get(f"{base}/{'B' * 32}", headers=HTML)
+        assert locked.status_code == 429 and "Too many attempts" in locked.text
+        assert int(locked.headers["retry-after"]) > 800
+        assert guesser.get(real + "/study").status_code == 429
+    with client("10.0.5.2") as patient:
+        assert patient.get(real + "/study").status_code == 200
+    events = httpx.get(f"{archive.http}/api/audit", params={"limit": 1000}).json()
+    refused = [e for e in events if e["action"] == "share-view" and e["source"] == "10.0.5.1"]
+    assert len(refused) == 22 and all(e["outcome"] == "refused" for e in refused)

@@ -149,7 +149,8 @@ def _english(request: Request) -> bool:
     return not request.headers.get("accept-language", "").lower().lstrip().startswith("zh")
 
 
-def _gone_page(request: Request, status: int, exc: Exception) -> HTMLResponse:
+def _page(request: Request, status: int, exc: Exception) -> HTMLResponse:
+    """What a phone shows for a link that does not open, in its language."""
     english = _english(request)
     if isinstance(exc, ShareGone):
         ask = html.escape(exc.institution)
@@ -161,6 +162,12 @@ def _gone_page(request: Request, status: int, exc: Exception) -> HTMLResponse:
         else:
             title = "此链接已过期" if exc.reason == "expired" else "此链接已被撤销"
             body = f"请联系给您此链接的医院（{ask}）获取新的链接。"
+    elif isinstance(exc, ShareLocked):
+        minutes = exc.retry_after // 60 + 1
+        title = "Too many attempts" if english else "尝试次数过多"
+        body = (
+            f"Please try again in {minutes} minutes." if english else f"请在 {minutes} 分钟后重试。"
+        )
     else:
         title = "No such link" if english else "链接不存在"
         body = (
@@ -180,7 +187,10 @@ def _gone_page(request: Request, status: int, exc: Exception) -> HTMLResponse:
 def _open(services: Services, request: Request, token: str) -> Opened:
     source = request.client.host if request.client else ""
     try:
-        link, code = _shares(services).open(token)
+        link, code = _shares(services).open(token, source)
+    except ShareLocked as exc:
+        _audit(services, request, "share-view", audit.REFUSED, None, detail=str(exc))
+        raise PageError(429, exc, {"Retry-After": str(exc.retry_after)}) from exc
     except ShareGone as exc:
         _audit(services, request, "share-view", audit.REFUSED, None, detail=str(exc))
         raise PageError(410, exc) from exc
@@ -193,17 +203,21 @@ def _open(services: Services, request: Request, token: str) -> Opened:
 class PageError(Exception):
     """A link that does not open: a page for the browser, a reason for the script."""
 
-    def __init__(self, status: int, cause: Exception) -> None:
+    def __init__(self, status: int, cause: Exception, headers: dict[str, str] | None = None):
         super().__init__(str(cause))
         self.status = status
         self.cause = cause
+        self.headers = headers or {}
 
 
 def page_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, PageError)
     if "text/html" in request.headers.get("accept", ""):
-        return _gone_page(request, exc.status, exc.cause)
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        response: Response = _page(request, exc.status, exc.cause)
+    else:
+        response = JSONResponse({"detail": str(exc)}, status_code=exc.status)
+    response.headers.update(exc.headers)
+    return response
 
 
 async def opened(token: str, request: Request, services: ServicesDep) -> Opened:

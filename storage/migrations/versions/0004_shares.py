@@ -41,7 +41,7 @@ def upgrade() -> None:
     op.create_table(
         "share_failures",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("share_pk", sa.Integer(), sa.ForeignKey("shares.id"), nullable=False),
+        sa.Column("share_pk", sa.Integer(), sa.ForeignKey("shares.id"), nullable=True),
         sa.Column("source", sa.String(), nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     )
