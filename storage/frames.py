@@ -25,6 +25,19 @@ class FrameNotFound(LookupError):
     """No such frame (out of range), or the instance holds no pixel data."""
 
 
+# Number of Frames is an IS: at most 2**31 - 1. A longer number in a request is no frame.
+LARGEST_FRAME = 2**31 - 1
+
+
+def frame_number(text: str) -> int | None:
+    """A frame number as a request writes it (ASCII digits, from 1); None otherwise."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    number = int(text)
+    return number if 1 <= number <= LARGEST_FRAME else None
+
+
 def number_of_frames(ds: Dataset) -> int:
     """NumberOfFrames, 1 when absent or malformed."""
     try:

@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
+from storage.header import valid_uid
 from storage.index import Index
 from storage.models import Instance, Patient, Series, Study
 
@@ -303,10 +304,13 @@ def _single(attribute: _Attribute, keyword: str, value: str) -> _Rule:
             )
         return _all_of(rules)
     if kind is Kind.NUMBER:
-        try:
-            return _Rule(("=", keyword), (int(value),), lambda n: column == n)
-        except ValueError as exc:
-            raise InvalidQuery(f"{keyword}: {value!r} is not a number") from exc
+        text = value.strip()
+        number = int(text) if len(text) <= 12 and text.lstrip("+-").isdigit() else None
+        if number is None or not -(2**31) <= number < 2**31:  # IS: a 32-bit integer
+            raise InvalidQuery(f"{keyword}: {value[:80]!r} is not a number")
+        return _Rule(("=", keyword), (number,), lambda n: column == n)
+    if kind is Kind.UID and value != "*" and not valid_uid(value):
+        raise InvalidQuery(f"{keyword}: {value[:80]!r} is not a UID")
     if any(w in value for w in _WILDCARDS):
         if kind is Kind.NAME:
             return _Rule(

@@ -87,8 +87,8 @@ def _number(request: Request, name: str, default: int | None) -> int | None:
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not text.isdigit():
-        raise HTTPException(400, f"{name} must be a non-negative integer")
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise HTTPException(400, f"{name} must be a whole number below a billion")
     return int(text)
 
 

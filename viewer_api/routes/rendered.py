@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from storage import metrics
-from storage.frames import FrameNotFound
+from storage.frames import FrameNotFound, frame_number
 from storage.objects import ObjectStoreUnavailable
 from storage.registry import Caller
 from storage.rendering import FORMATS, Rendering, Undecodable, Window, WindowFunction
@@ -101,7 +101,7 @@ def rendering_of(request: Request, default: Rendering) -> Rendering:
     quality = default.quality
     if "quality" in parameters:
         text = parameters["quality"]
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 100:
+        if not (text.isascii() and text.isdigit()) or len(text) > 3 or not 1 <= int(text) <= 100:
             raise HTTPException(400, "quality: a whole number from 1 to 100")
         quality = int(text)
     media_type = media_type_of(request.headers.get("accept", ""), default.media_type)
@@ -190,9 +190,10 @@ async def rendered_instance(
 async def rendered_frame(
     uids: InstanceUids, frame: str, request: Request, services: ServicesDep, caller: ReadCaller
 ) -> Response:
-    if not (frame.isascii() and frame.isdigit()) or int(frame) < 1:
+    number = frame_number(frame)
+    if number is None:
         raise HTTPException(400, "a rendered frame is one frame number, from 1")
-    return await _respond(services, caller, request, uids, int(frame))
+    return await _respond(services, caller, request, uids, number)
 
 
 @router.get(

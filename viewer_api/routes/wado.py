@@ -16,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from storage.frames import FrameNotFound, read_frames
+from storage.frames import FrameNotFound, frame_number, read_frames
 from storage.metadata import series_metadata
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 from storage.query import Located
@@ -128,10 +128,10 @@ def _frames(
 
 
 def _frame_numbers(text: str) -> list[int]:
-    numbers = [part.strip() for part in text.split(",")]
-    if not numbers or not all(n.isdigit() and int(n) >= 1 for n in numbers):
+    numbers = [frame_number(part) for part in text.split(",")]
+    if not all(numbers):
         raise HTTPException(400, "frames are a comma-separated list of numbers from 1")
-    return [int(n) for n in numbers]
+    return [n for n in numbers if n is not None]
 
 
 @router.get(
