@@ -138,6 +138,7 @@ class EmbeddedS3:
         self.volume_size_limit_mb = volume_size_limit_mb
         self.credentials = load_or_create_credentials(data_dir / "s3-credentials.json")
         self.process: subprocess.Popen[bytes] | None = None
+        self._ports: dict[str, int] | None = None
         self.port: int | None = None
 
     @property
@@ -220,7 +221,10 @@ class EmbeddedS3:
         self.root.mkdir(parents=True, exist_ok=True)
         if self._attach_or_clear():
             return self.endpoint
-        ports = dict(zip(_COMPONENTS, _free_port_pairs(len(_COMPONENTS)), strict=True))
+        # Started again after a stop or a crash: the same ports, so clients find it again.
+        if self._ports is None:
+            self._ports = dict(zip(_COMPONENTS, _free_port_pairs(len(_COMPONENTS)), strict=True))
+        ports = self._ports
         command = [
             weed_binary(),
             "mini",

@@ -1,0 +1,107 @@
+"""Real faults under a push (issue 6): the object store's process frozen (SIGSTOP: it hangs
+with its sockets open) or killed (SIGKILL, then started again on its ports) in the middle of
+a C-STORE push. Every instance answered success must end up in the bucket, its data set as
+sent, and in the index; every other answer is 0xA700 and the modality's resend succeeds; no
+C-STORE waits without an answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from storage.embedded_s3 import EmbeddedS3
+from tests.conftest import bucket_of, s3_env
+from tests.dicom_factory import ct_series
+from tests.test_cstore import dataset_bytes, wait_drained
+from tests.test_serve import healthz, sqlite_row, wait_for
+
+COUNT = 150
+DOWN_SECONDS = 12
+
+
+def _push(port: int, paths: list[Path], results: list[tuple[str, int, float]]) -> None:
+    """One association, one instance after another: (SOPInstanceUID, status, seconds)."""
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="POCKETPACS")
+    assert assoc.is_established
+    try:
+        for path in paths:
+            ds = dcmread(path)
+            started = time.monotonic()
+            status = assoc.send_c_store(ds)
+            code = int(status.Status) if status else -1
+            results.append((str(ds.SOPInstanceUID), code, time.monotonic() - started))
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("fault", ["frozen", "killed"])
+def test_object_store_fails_mid_push(archive_factory, tmp_path: Path, fault: str) -> None:
+    store = EmbeddedS3(tmp_path / "s3", volume_size_limit_mb=64)
+    store.start()
+    try:
+        archive = archive_factory(s3_env(store))
+        archive.start()
+        paths = ct_series(tmp_path / "ct", count=COUNT, seed="failing-store")
+        later = ct_series(tmp_path / "later", count=5, seed="failing-store-later")
+        originals = {
+            str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths + later
+        }
+        results: list[tuple[str, int, float]] = []
+        pusher = threading.Thread(target=_push, args=(archive.dicom_port, paths, results))
+        pusher.start()
+        while len(results) < 30:
+            time.sleep(0.05)
+        assert store.process is not None
+        if fault == "frozen":  # hangs with its sockets open, then goes on
+            os.kill(store.process.pid, signal.SIGSTOP)
+            try:
+                time.sleep(DOWN_SECONDS)
+            finally:
+                os.kill(store.process.pid, signal.SIGCONT)
+            pusher.join(timeout=600)
+        else:  # gone: the spool finds out, the next instances are refused, then it is back
+            os.kill(store.process.pid, signal.SIGKILL)
+            store.process.wait()
+            pusher.join(timeout=600)
+            wait_for(
+                lambda: healthz(archive).json()["ingest_spool"]["ok"] is False,
+                120,
+                "the spool to find the object store gone",
+            )
+            _push(archive.dicom_port, later, results)
+            assert [code for _, code, _ in results[-len(later) :]] == [0xA700] * len(later)
+            store.start()  # as an operator or a supervisor would, on the same ports
+        assert not pusher.is_alive(), "the push never finished"
+        assert len(results) == COUNT + (len(later) if fault == "killed" else 0)
+
+        statuses = {code for _, code, _ in results}
+        assert statuses <= {0x0000, 0xA700}, statuses
+        assert max(seconds for _, _, seconds in results) < 90  # answered, never hung
+        wait_drained(archive, timeout=300)
+        bucket = bucket_of(archive, store)
+        stored = [uid for uid, code, _ in results if code == 0x0000]
+        for uid in stored:  # every acknowledged instance, its data set as sent
+            row = sqlite_row(archive.data_dir, uid)
+            assert row is not None, uid
+            assert dataset_bytes(bucket.get(row[0])) == dataset_bytes(originals[uid].read_bytes())
+
+        refused = [uid for uid, code, _ in results if code == 0xA700]
+        retried: list[tuple[str, int, float]] = []
+        _push(archive.dicom_port, [originals[uid] for uid in refused], retried)
+        assert {code for _, code, _ in retried} <= {0x0000}  # the modality's retry succeeds
+        wait_drained(archive, timeout=120)
+        for uid in refused:
+            assert sqlite_row(archive.data_dir, uid) is not None
+    finally:
+        store.stop()
