@@ -18,6 +18,7 @@ from pynetdicom.sop_class import (
 from pacs.commands import TEXT_VRS, Element, dictionary_vr, plain_text
 from pacs.statuses import ERROR_COMMENT_LENGTH
 from storage import audit
+from storage.index import IndexUnavailable
 from storage.query import ATTRIBUTES, COMPUTED, InvalidQuery, Query, QueryLevel, search
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ PENDING = 0xFF00
 CANCELLED = 0xFE00
 SUCCESS = 0x0000
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
+OUT_OF_RESOURCES = 0xA700
 UNABLE_TO_PROCESS = 0xC000
 UTF8 = "ISO_IR 192"
 _SKIPPED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
@@ -181,6 +183,10 @@ def find(
     except InvalidQuery as exc:
         context.record(tally, "query", audit.FAILED, detail=str(exc))
         yield IDENTIFIER_DOES_NOT_MATCH, str(exc)
+        return
+    except IndexUnavailable as exc:
+        context.record(tally, "query", audit.FAILED, detail=str(exc))
+        yield OUT_OF_RESOURCES, "index unavailable, try again"
         return
     summary = ", ".join(f"{k}={v}" for k, v in query.keys.items() if v)
     sent, final, outcome, detail = 0, False, audit.OK, ""

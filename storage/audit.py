@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import insert, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from storage.index import Index, IndexUnavailable
 from storage.models import AuditEvent
@@ -45,11 +45,16 @@ class AuditLog:
     def record(self, entry: AuditEntry) -> None:
         """One row, inserted directly: every query and retrieval writes one, and the ORM's
         unit of work took a fifth of a C-FIND's time."""
-        try:
-            with self.index.engine.begin() as connection:
-                connection.execute(_INSERT, [vars(entry)])
-        except SQLAlchemyError as exc:
-            raise IndexUnavailable(f"cannot write the audit trail: {exc}") from exc
+        for attempt in (1, 2):  # a connection cut under it: once more on a fresh one
+            try:
+                with self.index.engine.begin() as connection:
+                    connection.execute(_INSERT, [vars(entry)])
+                return
+            except OperationalError as exc:
+                if attempt == 2:
+                    raise IndexUnavailable(f"cannot write the audit trail: {exc}") from exc
+            except SQLAlchemyError as exc:
+                raise IndexUnavailable(f"cannot write the audit trail: {exc}") from exc
 
     def search(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,6 +161,16 @@ class Index:
 
     def session(self) -> Session:
         return self._sessions()
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A connection for selects; a database that is gone or cut the connection is an
+        IndexUnavailable, which callers answer as a temporary failure (503, 0xA700)."""
+        try:
+            with self.engine.connect() as connection:
+                yield connection
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"the index did not answer: {exc}"[:300]) from exc
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (called at every start)."""

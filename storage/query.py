@@ -480,7 +480,7 @@ def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
         )
 
     statement = _STATEMENTS.get(("locate", rule.shape), make)
-    with index.engine.connect() as connection:
+    with index.reading() as connection:
         return [Located(*row) for row in connection.execute(statement, _values(rule))]
 
 
@@ -489,7 +489,7 @@ def search(index: Index, query: Query, viewer: Viewer) -> list[Match]:
     statement, params = _select(query, viewer)
     # Core, not the ORM session: these are plain selects, and the ORM's execution layer
     # took 40 % of a search's time.
-    with index.engine.connect() as connection:
+    with index.reading() as connection:
         rows = connection.execute(statement, params).mappings().all()
         pks = [row["pk"] for row in rows]
         matches: list[Match] = [{k: v for k, v in row.items() if k != "pk"} for row in rows]

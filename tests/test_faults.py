@@ -1,4 +1,5 @@
-"""Real faults under a push (issue 6): the object store's process frozen (SIGSTOP: it hangs
+"""Real faults under a push (issue 6): the database cutting every connection of the archive
+during a push and searches; the object store's process frozen (SIGSTOP: it hangs
 with its sockets open) or killed (SIGKILL, then started again on its ports) in the middle of
 a C-STORE push. Every instance answered success must end up in the bucket, its data set as
 sent, and in the index; every other answer is 0xA700 and the modality's resend succeeds; no
@@ -12,13 +13,15 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+import psycopg
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from storage.embedded_s3 import EmbeddedS3
-from tests.conftest import bucket_of, s3_env
+from tests.conftest import POSTGRES_ADMIN, bucket_of, s3_env
 from tests.dicom_factory import ct_series
 from tests.test_cstore import dataset_bytes, wait_drained
 from tests.test_serve import healthz, sqlite_row, wait_for
@@ -105,3 +108,73 @@ def test_object_store_fails_mid_push(archive_factory, tmp_path: Path, fault: str
             assert sqlite_row(archive.data_dir, uid) is not None
     finally:
         store.stop()
+
+
+def _terminate_connections(database: str) -> int:
+    """Cut every connection the archive holds to its database, as a failover or an
+    administrator's restart does (the shared cluster itself keeps running)."""
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchall()
+    return len(rows)
+
+
+def test_database_connections_cut_during_a_push_and_queries(
+    archive_factory, s3_server, postgres_database, tmp_path: Path
+) -> None:
+    """PostgreSQL drops every connection of the archive, five times, while instances
+    arrive and QIDO-RS searches run: nothing acknowledged is lost, every answer is a
+    success or a clear failure, and the pool recovers without a restart."""
+    archive = archive_factory(
+        {**s3_env(s3_server), "POCKETPACS_DATABASE_URL": postgres_database.url}
+    )
+    archive.start()
+    paths = ct_series(tmp_path / "ct", count=COUNT, seed="cut-database")
+    originals = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
+    results: list[tuple[str, int, float]] = []
+    pusher = threading.Thread(target=_push, args=(archive.dicom_port, paths, results))
+    searches: list[int] = []
+    stop = threading.Event()
+
+    def search() -> None:
+        with httpx.Client(base_url=archive.http, timeout=60) as client:
+            while not stop.is_set():
+                searches.append(client.get("/dicomweb/studies").status_code)
+
+    searcher = threading.Thread(target=search)
+    pusher.start()
+    searcher.start()
+    cuts = 0
+    try:
+        for _ in range(5):  # each time the archive has connected again, cut it off
+            time.sleep(0.3)
+            deadline = time.monotonic() + 30
+            while not (cut := _terminate_connections(postgres_database.name)):
+                assert time.monotonic() < deadline, "the archive never reconnected"
+                time.sleep(0.05)
+            cuts += cut
+        pusher.join(timeout=600)
+    finally:
+        stop.set()
+        searcher.join(timeout=60)
+    assert cuts >= 5  # connections were really there to cut
+    assert not pusher.is_alive() and len(results) == COUNT
+    assert {code for _, code, _ in results} <= {0x0000, 0xA700}
+    assert set(searches) <= {200, 503}, set(searches)
+    wait_drained(archive, timeout=300)
+    url = postgres_database.url.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(url) as db:
+        stored = {row[0] for row in db.execute("SELECT sop_instance_uid FROM instances")}
+    acknowledged = {uid for uid, code, _ in results if code == 0x0000}
+    assert acknowledged <= stored
+    resend = [originals[uid] for uid, code, _ in results if code != 0x0000]
+    retried: list[tuple[str, int, float]] = []
+    _push(archive.dicom_port, resend, retried)
+    assert {code for _, code, _ in retried} <= {0x0000}
+    # The pool recovered: the same process answers searches and health checks.
+    assert httpx.get(f"{archive.http}/dicomweb/studies", timeout=30).status_code == 200
+    assert healthz(archive).json()["index"] == {"ok": True}
+    assert "audit event lost" not in archive.log_path.read_text()  # written on a new one

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
 
-from viewer_api.deps import Services
+from storage.index import IndexUnavailable
+from viewer_api.deps import Services, index_unavailable
 from viewer_api.routes import audit, health, metrics, pocket, qido, rendered, shares, stow, wado
 
 
@@ -25,5 +27,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(shares.router)
     app.include_router(pocket.router)
     app.add_exception_handler(pocket.PageError, pocket.page_error_handler)
+    # A database gone or a connection cut, wherever a route met it: 503, retry.
+    app.add_exception_handler(IndexUnavailable, index_unavailable)
+    app.add_exception_handler(SQLAlchemyError, index_unavailable)
     app.add_middleware(pocket.PocketHeaders)
     return app

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from storage import audit
 from storage.audit import AuditEntry, AuditLog
@@ -96,6 +97,16 @@ def record_for(
             instances=instances,
             detail=detail,
         ),
+    )
+
+
+async def index_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """Any route whose database did not answer: a 503 to retry, not a 500 (app handler)."""
+    log.warning("%s %s: index unavailable: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": "the index is unavailable for a moment; try again"},
+        status_code=503,
+        headers={"Retry-After": "5"},
     )
 
 
