@@ -145,6 +145,7 @@ class DicomContext:
         sop_class_uid: str,
         sop_instance_uid: str,
         negotiated_sop_class_uid: str,
+        not_received: str = "",
     ) -> tuple[int, str]:
         """C-STORE (PS3.4 B.2.3): one received data set, a Part 10 file at `path`, into the
         ingest spool. Returns the DIMSE status and an Error Comment ("" on success).
@@ -152,9 +153,12 @@ class DicomContext:
         Success (0x0000) once the instance is durable; 0xA700 out of resources (bucket,
         index or spool unavailable), 0xA900 data set does not match the SOP class (missing
         or malformed UIDs, or a SOP class other than the presentation context's), 0xC000
-        cannot understand.
+        cannot understand. `not_received`: why the data set could not be written where it
+        arrived (a full disk, say): out of resources, and the association goes on.
         """
-        if sop_class_uid != negotiated_sop_class_uid:
+        if not_received:
+            outcome, reason, size = StoreOutcome.OUT_OF_RESOURCES, not_received, 0
+        elif sop_class_uid != negotiated_sop_class_uid:
             outcome = StoreOutcome.DOES_NOT_MATCH_SOP_CLASS
             reason = f"presentation context is for {negotiated_sop_class_uid}, not {sop_class_uid}"
             size = 0

@@ -437,7 +437,11 @@ class _Session:
             self.received.clear()
 
     def _finish(self, store: _IncomingDataSet) -> None:
-        store.close()
+        if not store.failure:
+            try:
+                store.close()
+            except OSError as exc:
+                store.failure = f"cannot write the received data: {exc.strerror or exc}"
         request = store.command
         try:
             status, comment = self.acceptor.context.store(
@@ -446,6 +450,7 @@ class _Session:
                 request.affected_sop_class_uid,
                 request.affected_sop_instance_uid,
                 str(self.contexts[store.context_id].abstract_syntax),
+                not_received=store.failure,
             )
         except Exception:
             log.exception("storing %s failed", request.affected_sop_instance_uid)
@@ -597,6 +602,9 @@ class _IncomingDataSet(IncomingFile):
         super().__init__(acceptor.context.spool.files)
         self.command = command
         self.context_id = context_id
+        # Why the data set could not be written (a full disk): the rest of it is read and
+        # dropped, the C-STORE answered 0xA700, and the association goes on.
+        self.failure = ""
         self.write(
             commands.encode_file_meta(
                 command.affected_sop_class_uid,
@@ -606,3 +614,17 @@ class _IncomingDataSet(IncomingFile):
                 PYNETDICOM_IMPLEMENTATION_VERSION,
             )
         )
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not self.failure:
+            try:
+                super().write(data)
+            except OSError as exc:
+                self.failure = f"cannot write the received data: {exc.strerror or exc}"
+
+    def write_many(self, chunks: list[memoryview]) -> None:
+        if not self.failure:
+            try:
+                super().write_many(chunks)
+            except OSError as exc:
+                self.failure = f"cannot write the received data: {exc.strerror or exc}"

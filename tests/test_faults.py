@@ -8,9 +8,12 @@ C-STORE waits without an answer."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -178,3 +181,44 @@ def test_database_connections_cut_during_a_push_and_queries(
     assert httpx.get(f"{archive.http}/dicomweb/studies", timeout=30).status_code == 200
     assert healthz(archive).json()["index"] == {"ok": True}
     assert "audit event lost" not in archive.log_path.read_text()  # written on a new one
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MB tmpfs of its own for the data directory (root only: mount(8))."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_data_disk_full(archive_factory, s3_server, small_disk: Path, tmp_path: Path) -> None:
+    """The data directory's disk fills up under a push: clear refusals (0xA700), no crash,
+    nothing acknowledged lost or damaged, and storing resumes once there is room."""
+    archive = archive_factory(s3_env(s3_server), data_dir=small_disk / "data")
+    archive.start()
+    filler = small_disk / "filler"
+    free = shutil.disk_usage(small_disk).free
+    with filler.open("wb") as out:  # leave room for about four 0.5 MB instances
+        out.write(b"\0" * (free - 2_200_000))
+    paths = ct_series(tmp_path / "ct", count=20, seed="full-disk")
+    originals = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
+    results: list[tuple[str, int, float]] = []
+    _push(archive.dicom_port, paths, results)
+    codes = [code for _, code, _ in results]
+    assert set(codes) <= {0x0000, 0xA700} and 0xA700 in codes
+    assert archive.process is not None and archive.process.poll() is None  # still serving
+    filler.unlink()
+    wait_drained(archive, timeout=120)
+    bucket = bucket_of(archive, s3_server)
+    for uid, code, _ in results:
+        if code == 0x0000:
+            row = sqlite_row(archive.data_dir, uid)
+            assert row is not None, uid
+            assert dataset_bytes(bucket.get(row[0])) == dataset_bytes(originals[uid].read_bytes())
+    retried: list[tuple[str, int, float]] = []
+    _push(archive.dicom_port, [originals[uid] for uid, code, _ in results if code], retried)
+    assert {code for _, code, _ in retried} == {0x0000}
