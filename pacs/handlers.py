@@ -228,8 +228,14 @@ def handle_connection_close(event: Event, context: DicomContext) -> None:
 
 
 def handle_accepted(event: Event, context: DicomContext) -> None:
-    """EVT_ACCEPTED: start the association's tally once the calling AE title is known."""
-    context.tally(event.assoc)
+    """EVT_ACCEPTED: start the association's tally once the calling AE title is known. A
+    caller the node registry does not know is aborted at once: on the plain port the lean
+    acceptor has rejected it already; on the TLS port, served by pynetdicom alone, this is
+    where it is turned away."""
+    tally = context.tally(event.assoc)
+    if context.identify(tally.calling_ae, tally.address) is None:
+        context.refuse(tally.calling_ae, tally.address, "calling AE title not registered")
+        event.assoc.abort()
 
 
 def bindings(context: DicomContext) -> list:

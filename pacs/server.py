@@ -7,6 +7,7 @@ import copy
 import logging
 import socket
 import socketserver
+import ssl
 import tempfile
 import threading
 
@@ -34,6 +35,8 @@ from storage.spool import Spool
 log = logging.getLogger("pocketpacs.dicom")
 
 MAXIMUM_ASSOCIATIONS = 64
+# A TLS client has this long to finish its handshake.
+HANDSHAKE_TIMEOUT = 30
 RETRIEVE_MODELS = (
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelMove,
@@ -133,6 +136,36 @@ class _Listener(ThreadedAssociationServer):
         self.server_close()
 
 
+class _TlsListener(ThreadedAssociationServer):
+    """pynetdicom's threaded server for DICOM over TLS (PS3.15 B.1), every association served
+    by pynetdicom. The handshake runs in the connection's own thread, so a slow or silent
+    client cannot hold up the others; TCP_NODELAY as on the plain port."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = self.socket.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self.ssl_context is not None
+        wrapped = self.ssl_context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        )
+        return wrapped, address
+
+    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        try:
+            request.settimeout(HANDSHAKE_TIMEOUT)
+            request.do_handshake()  # type: ignore[attr-defined]
+            request.settimeout(None)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 class DicomServer:
     """One AE title on one port, storing through the ingest spool."""
 
@@ -148,9 +181,14 @@ class DicomServer:
         registry: Registry | None = None,
         regional_issuer: str = "",
         maximum_associations: int = MAXIMUM_ASSOCIATIONS,
+        tls_port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.maximum_associations = maximum_associations
+        self.tls_port = tls_port
+        self.ssl_context = ssl_context
+        self._tls_server: _TlsListener | None = None
         self.host = host
         self.port = port
         self.context = DicomContext(
@@ -211,8 +249,24 @@ class DicomServer:
             target=self._server.serve_forever, name="dicom-listener", daemon=True
         ).start()
         log.info("DICOM listener %s on %s:%d", self.ae_title, self.host, self.port)
+        if self.ssl_context is not None and self.tls_port is not None:
+            self._tls_server = ae.make_server(
+                (self.host, self.tls_port),
+                contexts=[_SharedUIDContext.of(cx) for cx in ae.supported_contexts],
+                evt_handlers=bindings(self.context),
+                server_class=_TlsListener,
+                ssl_context=self.ssl_context,
+            )
+            self.tls_port = self._tls_server.server_address[1]
+            threading.Thread(
+                target=self._tls_server.serve_forever, name="dicom-tls-listener", daemon=True
+            ).start()
+            log.info("DICOM TLS listener %s on %s:%d", self.ae_title, self.host, self.tls_port)
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None

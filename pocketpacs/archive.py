@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,6 +113,20 @@ def _terminate_as_interrupt(signum: int, _frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def dicom_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The DICOM TLS listener's context (PS3.15 B.1, TLS 1.2 or newer): the archive's
+    certificate, and, with a client CA, a certificate required of every caller."""
+    if not (settings.tls_cert and settings.tls_key and settings.dicom_tls_port):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(settings.tls_client_ca)
+    return context
+
+
 def serve(settings: Settings) -> None:
     """Run everything until Ctrl-C or SIGTERM, then stop cleanly, embedded S3 included."""
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
@@ -143,6 +158,8 @@ def serve(settings: Settings) -> None:
             registry=registry,
             regional_issuer=settings.regional_issuer,
             maximum_associations=settings.max_associations,
+            tls_port=settings.dicom_tls_port,
+            ssl_context=dicom_tls_context(settings),
         )
         dicom.start()
         app = create_app(
@@ -166,13 +183,17 @@ def serve(settings: Settings) -> None:
                 log_config=None,
                 access_log=False,
                 timeout_graceful_shutdown=10,
+                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
             )
         )
         log.info(
-            "pocketpacs ready: DICOM %s@%s:%d, HTTP http://%s:%d, data in %s",
+            "pocketpacs ready: DICOM %s@%s:%d%s, HTTP %s://%s:%d, data in %s",
             settings.ae_title,
             settings.host,
             dicom.port,
+            f" (TLS on {dicom.tls_port})" if dicom.tls_port else "",
+            "https" if settings.tls_cert else "http",
             settings.host,
             settings.http_port,
             settings.data_dir.resolve(),

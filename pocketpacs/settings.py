@@ -42,6 +42,13 @@ class Settings(BaseModel):
     # DICOM associations served at once, every kind together; the next caller is
     # rejected at once (A-ASSOCIATE-RJ, transient, local limit exceeded).
     max_associations: int = Field(64, ge=1, le=1000)
+    # TLS (PEM files): with a certificate and key, HTTP is HTTPS only, and the DICOM TLS
+    # listener runs on dicom_tls_port (conventionally 2762) beside the plain one. With a
+    # client CA, DICOM TLS callers must present a certificate it signed (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    dicom_tls_port: int | None = Field(None, ge=1, le=65535)
     spool_limit_mb: int = Field(20_000, ge=1)
     spool_defer_seconds: float = Field(30.0, ge=0, le=3600)
     # Issuer of the region's patient identifier: a PatientID with this issuer recognises
@@ -92,12 +99,21 @@ class Settings(BaseModel):
     @property
     def base_url(self) -> str:
         """Where share links and QR codes point: the public URL, else this server."""
-        return (self.public_url or f"http://{self.host}:{self.http_port}").rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.http_port}").rstrip("/")
 
     def check_secure(self) -> None:
         """Refuse the development-only shortcuts outside loopback (SPEC 6)."""
         if self.open and not self.is_loopback:
             raise SettingsError("--open accepts anyone; it is refused unless bound to loopback")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("POCKETPACS_TLS_CERT and POCKETPACS_TLS_KEY go together")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise SettingsError(f"POCKETPACS_{name.upper()}: no such file {path}")
+        if self.dicom_tls_port and not self.tls_cert:
+            raise SettingsError("POCKETPACS_DICOM_TLS_PORT needs POCKETPACS_TLS_CERT and _KEY")
         if self.s3_endpoint and not (self.s3_access_key and self.s3_secret_key):
             raise SettingsError(
                 "POCKETPACS_S3_ENDPOINT is set: POCKETPACS_S3_ACCESS_KEY and "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -122,10 +123,13 @@ class RunningArchive:
     ae_title: str = "POCKETPACS"
     # Tests push with many calling AE titles; the node registry's own tests start without.
     extra_args: list[str] = field(default_factory=lambda: ["--open"])
+    # What httpx trusts for an HTTPS archive: a context holding the CA that signed it.
+    trust: ssl.SSLContext | bool = True
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if "POCKETPACS_TLS_CERT" in self.env else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 60.0) -> None:
         command = [
@@ -150,7 +154,8 @@ class RunningArchive:
             if self.process.poll() is not None:
                 raise RuntimeError(f"serve exited early:\n{self.log()}")
             try:
-                if httpx.get(f"{self.http}/healthz", timeout=2).status_code == 200:
+                healthz = httpx.get(f"{self.http}/healthz", timeout=2, verify=self.trust)
+                if healthz.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -92,7 +92,7 @@ def key_of(path: Path) -> str:
 
 
 def health(archive: RunningArchive) -> dict:
-    return httpx.get(f"{archive.http}/healthz", timeout=10).json()
+    return httpx.get(f"{archive.http}/healthz", timeout=10, verify=archive.trust).json()
 
 
 def wait_drained(archive: RunningArchive, timeout: float = 90.0) -> dict:
