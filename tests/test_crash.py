@@ -23,8 +23,10 @@ from tests.test_cstore import (
     wait_drained,
 )
 
-SLICES = 150
-KILL_AFTER = 40
+# 500 instances over 4 associations at once (issue 6); the kill comes after 160 are in.
+SLICES = 500
+ASSOCIATIONS = 4
+KILL_AFTER = 160
 
 
 class Pusher(threading.Thread):
@@ -72,18 +74,20 @@ def test_kill_9_mid_push_loses_no_acknowledged_instance(
 
     first = archive_factory(env, data_dir=data_dir)
     first.start()
-    pusher = Pusher(first.dicom_port, sent)
-    pusher.start()
+    pushers = [Pusher(first.dicom_port, sent[n::ASSOCIATIONS]) for n in range(ASSOCIATIONS)]
+    for pusher in pushers:
+        pusher.start()
     deadline = time.monotonic() + 120
-    while len(pusher.succeeded) < KILL_AFTER:
-        assert pusher.is_alive(), f"push ended early: {pusher.error}\n{first.log()}"
+    while sum(len(p.succeeded) for p in pushers) < KILL_AFTER:
+        assert all(p.is_alive() for p in pushers), f"a push ended early\n{first.log()}"
         assert time.monotonic() < deadline, "push too slow"
         time.sleep(0.005)
     first.kill()
-    pusher.join(60)
-    assert not pusher.is_alive()
-    acknowledged = list(pusher.succeeded)
-    assert not pusher.finished_all, "the push finished before the kill: nothing was tested"
+    for pusher in pushers:
+        pusher.join(60)
+        assert not pusher.is_alive()
+    acknowledged = [path for pusher in pushers for path in pusher.succeeded]
+    assert not any(p.finished_all for p in pushers), "a push finished before the kill"
     assert KILL_AFTER <= len(acknowledged) < SLICES
 
     second = archive_factory(env, data_dir=data_dir)
