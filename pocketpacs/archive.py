@@ -85,6 +85,7 @@ def open_core(settings: Settings) -> Iterator[Core]:
     try:
         if embedded is not None:
             endpoint = embedded.start()
+            embedded.supervise()
             access_key, secret_key = (
                 embedded.credentials.access_key,
                 embedded.credentials.secret_key,

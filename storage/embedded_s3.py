@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,8 @@ class EmbeddedS3:
         self.credentials = load_or_create_credentials(data_dir / "s3-credentials.json")
         self.process: subprocess.Popen[bytes] | None = None
         self._ports: dict[str, int] | None = None
+        self._wanted = False  # supervised: started again whenever it exits
+        self._lock = threading.Lock()
         self.port: int | None = None
 
     @property
@@ -267,11 +270,38 @@ class EmbeddedS3:
                 )
                 return self.endpoint
             time.sleep(0.1)
-        self.stop()
+        self._stop(15.0)
         raise EmbeddedS3Error(f"weed mini did not report its S3 endpoint within {timeout:.0f} s")
+
+    def supervise(self, interval: float = 2.0) -> None:
+        """Start the server again, on its ports, whenever it exits until `stop`: an object
+        store that crashed comes back without an operator, and the spool drains again."""
+        self._wanted = True
+
+        def watch() -> None:
+            while self._wanted:
+                time.sleep(interval)
+                with self._lock:
+                    process = self.process
+                    if not self._wanted or process is None or process.poll() is None:
+                        continue
+                    log.error(
+                        "embedded S3 server exited (%s); starting it again", process.returncode
+                    )
+                    try:
+                        self.start()
+                    except EmbeddedS3Error as exc:
+                        log.error("embedded S3 server did not start again: %s", exc)
+
+        threading.Thread(target=watch, name="s3-supervisor", daemon=True).start()
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server this object started; one it only attached to keeps running."""
+        self._wanted = False
+        with self._lock:
+            self._stop(timeout)
+
+    def _stop(self, timeout: float) -> None:
         if self.process is None:
             self.port = None
             return

@@ -222,3 +222,29 @@ def test_data_disk_full(archive_factory, s3_server, small_disk: Path, tmp_path: 
     retried: list[tuple[str, int, float]] = []
     _push(archive.dicom_port, [originals[uid] for uid, code, _ in results if code], retried)
     assert {code for _, code, _ in retried} == {0x0000}
+
+
+def test_embedded_object_store_comes_back(archive_factory, tmp_path: Path) -> None:
+    """`serve` with its own SeaweedFS: killed under it, the server is started again on its
+    ports by the archive itself, and storing goes on without an operator."""
+    archive = archive_factory()  # no S3 settings: the embedded server
+    archive.start()
+    pid_file = archive.data_dir / "s3" / "weed.pid"
+    first = int(pid_file.read_text())
+    (before, after) = ct_series(tmp_path / "ct", count=2, seed="embedded-comes-back")
+    stored: list[tuple[str, int, float]] = []
+    _push(archive.dicom_port, [before], stored)
+    os.kill(first, signal.SIGKILL)
+    wait_for(
+        lambda: pid_file.exists() and int(pid_file.read_text()) != first,
+        60,
+        "the embedded S3 server to be started again",
+    )
+    wait_for(lambda: healthz(archive).status_code == 200, 60, "healthz to recover")
+    _push(archive.dicom_port, [after], stored)
+    assert [code for _, code, _ in stored] == [0x0000, 0x0000]
+    wait_drained(archive, timeout=120)
+    for path in (before, after):
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert sqlite_row(archive.data_dir, uid) is not None
+    assert "starting it again" in archive.log_path.read_text()
