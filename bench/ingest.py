@@ -266,6 +266,16 @@ def capture(command: list[str], cwd: Path | None = None) -> str:
         return f"unknown ({exc})"
 
 
+def write_results(name: str, data: dict, results: Path, report: str) -> Path:
+    """Keep a run's raw data under work/results/ and write its report; the data's path."""
+    out = WORK / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+    results.write_text(report)
+    print(f"wrote {results} and {out}", flush=True)
+    return out
+
+
 def environment() -> dict:
     cpu = "unknown"
     try:

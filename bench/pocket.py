@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import shutil
 import statistics
 import sys
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 from corpus import Corpus
-from ingest import WORK, environment, storescu
+from ingest import WORK, environment, storescu, write_results
 from playwright.sync_api import sync_playwright
 from pydicom import dcmread
 from servers import BenchError, Pocketpacs
@@ -216,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = sum(p.stat().st_size for p in assets.iterdir())
     packed = sum(len(gzip.compress(p.read_bytes(), 9)) for p in assets.iterdir())
     data["page"] = {"raw": raw, "gzip": packed}
-    out = WORK / "results" / f"pocket-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1))
-    args.results.write_text(report(data))
-    log(f"wrote {args.results} and {out}")
+    write_results("pocket", data, args.results, report(data))
     return 0
 
 

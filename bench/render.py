@@ -17,7 +17,6 @@ See bench/README.md ("Rendering latency").
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 from corpus import Corpus, CorpusFile
-from ingest import WORK, environment, storescu
+from ingest import WORK, environment, storescu, write_results
 from pydicom import dcmread
 from query import start_orthanc
 from servers import BenchError, Pocketpacs, build_shim
@@ -252,11 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in (pocketpacs, orthanc):
             server.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
-    out = WORK / "results" / f"render-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1))
-    args.results.write_text(report(data))
-    log(f"wrote {args.results} and {out}")
+    write_results("render", data, args.results, report(data))
     return 0
 
 

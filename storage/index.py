@@ -144,6 +144,10 @@ class Index:
         kwargs: dict = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            # A connection per busy thread (associations, HTTP workers, spool workers):
+            # SQLite connections are only file handles, and a thread waiting for one
+            # waited up to 30 s under load (bench/load.py).
+            kwargs.update(pool_size=32, max_overflow=96)
         else:
             # A PostgreSQL restart leaves dead pooled connections: test each on checkout.
             kwargs.update(
