@@ -55,9 +55,13 @@ def _rss_mb(pid: int) -> float:
 
 
 def _files(template: Dataset, folder: Path, count: int) -> list[Path]:
-    """`count` instances of `template`, each with UIDs of its own, for one modality."""
+    """`count` instances of `template` in a new study, each with UIDs of its own, for one
+    modality."""
     folder.mkdir(parents=True, exist_ok=True)
     ds = template.copy()
+    # A study of its own: the pocket film link is made for a finished study, not one
+    # still arriving (that would re-render its thumbnails at every new slice).
+    ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     paths = []
     for number in range(count):
