@@ -23,9 +23,9 @@ from datetime import UTC, date, datetime, timedelta
 
 import segno
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
-from storage.index import Index, IndexUnavailable
+from storage.index import Index
 from storage.models import Instance as InstanceRow
 from storage.models import Patient, Series, Share, ShareDay, ShareFailure, Study
 from storage.query import Located, Query, QueryLevel, Viewer, locate
@@ -203,7 +203,7 @@ class Shares:
             views=0,
             last_view_at=None,
         )
-        with self._session() as session:
+        with self.index.session() as session:
             session.add(row)
             session.commit()
             return NewShare(_link(row), token, code)
@@ -211,12 +211,12 @@ class Shares:
     def list(self, institution: str) -> list[ShareLink]:
         """An institution's links, newest first."""
         query = select(Share).where(Share.institution == institution).order_by(Share.id.desc())
-        with self._session() as session:
+        with self.index.session() as session:
             return [_link(row) for row in session.scalars(query)]
 
     def revoke(self, share_id: int, institution: str) -> ShareLink | None:
         """Withdraw a link at once; None when the institution has no such link."""
-        with self._session() as session:
+        with self.index.session() as session:
             row = session.get(Share, share_id)
             if row is None or row.institution != institution:
                 return None
@@ -233,7 +233,7 @@ class Shares:
         or was revoked. The token is looked up by its digest: a token right in all but one
         character is as far from a link as any other."""
         since = self.clock() - timedelta(minutes=LOCK_MINUTES)
-        with self._session() as session:
+        with self.index.session() as session:
             misses = session.scalars(
                 select(ShareFailure.at)
                 .where(
@@ -279,7 +279,7 @@ class Shares:
         """Seconds until this link, or this address, may try a code again (0: now)."""
         since = self.clock() - timedelta(minutes=LOCK_MINUTES)
         waits = [0]
-        with self._session() as session:
+        with self.index.session() as session:
             for column, value in ((ShareFailure.share_pk, link.id), (ShareFailure.source, source)):
                 recent = session.scalars(
                     select(ShareFailure.at)
@@ -304,11 +304,11 @@ class Shares:
             raise ShareLocked(wait)
         if hmac.compare_digest(_code_sha256(token, code.strip()), code_sha256):
             return
-        with self._session() as session:
+        with self.index.session() as session:
             session.add(ShareFailure(share_pk=link.id, source=source, at=self.clock()))
             session.commit()
         since = self.clock() - timedelta(minutes=LOCK_MINUTES)
-        with self._session() as session:
+        with self.index.session() as session:
             failures = session.scalar(
                 select(func.count())
                 .select_from(ShareFailure)
@@ -323,7 +323,7 @@ class Shares:
         """One more view of the link, today and in all."""
         now = self.clock()
         today: date = now.date()
-        with self._session() as session:
+        with self.index.session() as session:
             session.execute(
                 update(Share)
                 .where(Share.id == link.id)
@@ -348,17 +348,11 @@ class Shares:
                 session.commit()
 
     def views_by_day(self, share_id: int) -> dict[date, int]:
-        with self._session() as session:
+        with self.index.session() as session:
             rows = session.execute(
                 select(ShareDay.day, ShareDay.views).where(ShareDay.share_pk == share_id)
             )
             return {day: views for day, views in rows}
-
-    def _session(self):
-        try:
-            return self.index.session()
-        except SQLAlchemyError as exc:
-            raise IndexUnavailable(str(exc)) from exc
 
 
 def qr_code(url: str, kind: str) -> bytes:
