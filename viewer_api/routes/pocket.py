@@ -28,7 +28,7 @@ from storage.audit import AuditEntry
 from storage.frames import FrameNotFound
 from storage.objects import ObjectStoreUnavailable
 from storage.rendering import Rendering, Undecodable, Window
-from storage.renditions import THUMBNAIL, Renditions
+from storage.renditions import THUMBNAIL, Renditions, representatives
 from storage.shares import (
     ENCAPSULATED_PDF,
     PocketStudy,
@@ -357,11 +357,8 @@ def _picture(
         raise HTTPException(404, "no such series in this study")
     images = study.series[series].images
     if image is None:  # the thumbnail: the series' representative, as the worker made it
-        middle = sorted(
-            {i.item.sop_instance_uid: i.item for i in images}.values(),
-            key=lambda item: [i.item for i in images].index(item),
-        )
-        target, frame = middle[(len(middle) - 1) // 2], None
+        instances = list(dict.fromkeys(i.item for i in images))  # in order, each once
+        target, frame = representatives(instances)[0], None
     else:
         if not 0 <= image < len(images):
             raise HTTPException(404, "no such image in this series")
