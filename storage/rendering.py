@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -30,6 +31,7 @@ from pydicom.pixels import (
     get_decoder,
     pixel_array,
 )
+from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from storage.frames import FrameNotFound, number_of_frames
@@ -39,6 +41,10 @@ FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 DEFAULT_QUALITY = 90
 # The percentiles of the non-padding pixels that bound the window when the object has none.
 ROBUST_PERCENTILES = (0.5, 99.5)
+# Those percentiles are taken over a regular grid of at least this many pixels (every
+# pixel of a 256 x 256 MR, every 8th row and column of a 2500 x 2048 CR): a histogram of
+# all 5 million took 14 ms, and a window does not need every pixel to sit right.
+WINDOW_SAMPLES = 65536
 
 
 class Undecodable(ValueError):
@@ -148,32 +154,58 @@ def displayed(
     if pixels.ndim == 3:  # RGB, and YBR the decoder already converted
         return _to_8_bits(pixels, int(ds.get("BitsStored", 8) or 8))
     frame = frame_attributes(ds, index)
-    padding = _padding_mask(frame, pixels)
+    padding = _padding_range(frame)
     monochrome1 = photometric == "MONOCHROME1"
     if pixels.dtype.kind in "iu" and pixels.size:
         # Through a lookup table over the stored values present: the pipeline runs once per
-        # value instead of once per pixel (4 times less work on a 512 x 512 CT, 60 on a CR).
+        # value instead of once per pixel (4 times less work on a 512 x 512 CT, 60 on a CR),
+        # and a window from the pixels comes from their histogram, not a sort.
         low, high = int(pixels.min()), int(pixels.max())
         if high - low < pixels.size:
-            table = _grey(frame, np.arange(low, high + 1), window, pixels, padding, monochrome1)
-            grey = table[pixels.astype(np.int64) - low]
-            grey[padding] = 0
-            return grey
-    grey = _grey(frame, pixels, window, pixels, padding, monochrome1)
-    grey[padding] = 0
-    return grey
+            offsets = _offsets(pixels, low)
+            stored = np.arange(low, high + 1)
+            shown = np.ones(stored.size, dtype=bool)
+            if padding is not None:
+                shown[max(padding[0] - low, 0) : max(padding[1] - low + 1, 0)] = False
+
+            def histogram() -> np.ndarray:
+                step = max(1, math.isqrt(pixels.size // WINDOW_SAMPLES))
+                counts = np.bincount(offsets[::step, ::step].ravel(), minlength=stored.size)
+                counts[~shown] = 0
+                return counts
+
+            table = _grey(frame, stored, window, histogram, monochrome1)
+            table[~shown] = 0
+            return np.take(table, offsets)
+    mask = (
+        np.zeros(pixels.shape, dtype=bool)
+        if padding is None
+        else (pixels >= padding[0]) & (pixels <= padding[1])
+    )
+    grey = _grey(frame, pixels[~mask] if mask.any() else pixels.ravel(), window, None, monochrome1)
+    out = np.zeros(pixels.shape, dtype=np.uint8)
+    out[~mask] = grey
+    return out
+
+
+def _offsets(pixels: np.ndarray, low: int) -> np.ndarray:
+    """`pixels - low`, exactly, in an unsigned type of the pixels' own size: the difference
+    lies in 0..max-min, which that type holds, so wrap-around arithmetic gives it without
+    widening every pixel to 64 bits."""
+    unsigned = np.dtype(f"u{pixels.dtype.itemsize}")
+    return pixels.view(unsigned) - unsigned.type(low % (1 << (8 * pixels.dtype.itemsize)))
 
 
 def _grey(
     frame: Dataset,
     stored: np.ndarray,
     window: Window | None,
-    pixels: np.ndarray,
-    padding: np.ndarray,
+    histogram: Callable[[], np.ndarray] | None,
     monochrome1: bool,
 ) -> np.ndarray:
-    """Stored values to 8-bit grey: Modality LUT, VOI, MONOCHROME1 inversion. `pixels` and
-    `padding` are the frame's, for a window computed from its pixels."""
+    """Stored values to 8-bit grey: Modality LUT, VOI, MONOCHROME1 inversion. A window
+    from the pixels, when one is needed, is over `stored` weighted by `histogram()` (each
+    value's count of non-padding pixels), or over `stored` itself when there is none."""
     modality = apply_modality_lut(stored, frame)
     values = modality.astype(np.float64)
     if window is not None:
@@ -183,18 +215,15 @@ def _grey(
         bits = int(frame.VOILUTSequence[0].LUTDescriptor[2] or 16)
         grey = np.clip(lut_output / float((1 << bits) - 1), 0.0, 1.0) * 255.0
     else:
-        grey = _stored_or_robust_window(frame, pixels, padding).to_grey(values)
+        grey = _stored_or_robust_window(frame, values, histogram).to_grey(values)
     if monochrome1:
         grey = 255.0 - grey
     return np.rint(grey).astype(np.uint8)
 
 
-def frame_attributes(ds: Dataset, index: int) -> Dataset:
-    """The attributes the pipeline reads, for frame `index`: the top level, overridden by
-    the shared and then the frame's own functional groups of an enhanced object."""
-    frame = Dataset()
-    if hasattr(ds, "file_meta"):
-        frame.file_meta = ds.file_meta  # LUT Data (OW) needs the byte order
+# What `frame_attributes` takes from the top level, by tag (a keyword costs a lookup).
+_FRAME_TAGS = [
+    Tag(keyword)
     for keyword in (
         "PhotometricInterpretation",
         "BitsStored",
@@ -209,9 +238,19 @@ def frame_attributes(ds: Dataset, index: int) -> Dataset:
         "WindowWidth",
         "VOILUTFunction",
         "VOILUTSequence",
-    ):
-        if keyword in ds:
-            setattr(frame, keyword, ds[keyword].value)
+    )
+]
+
+
+def frame_attributes(ds: Dataset, index: int) -> Dataset:
+    """The attributes the pipeline reads, for frame `index`: the top level, overridden by
+    the shared and then the frame's own functional groups of an enhanced object."""
+    frame = Dataset()
+    if hasattr(ds, "file_meta"):
+        frame.file_meta = ds.file_meta  # LUT Data (OW) needs the byte order
+    for tag in _FRAME_TAGS:
+        if tag in ds:
+            frame[tag] = ds[tag]  # read, never changed: an override below is a new element
     groups = []
     for sequence in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         items = ds.get(sequence) or []
@@ -226,14 +265,13 @@ def frame_attributes(ds: Dataset, index: int) -> Dataset:
     return frame
 
 
-def _padding_mask(frame: Dataset, pixels: np.ndarray) -> np.ndarray:
-    """Pixels that are padding (PS3.3 C.7.5.1.1.2), before the Modality LUT."""
+def _padding_range(frame: Dataset) -> tuple[int, int] | None:
+    """The stored values that are padding (PS3.3 C.7.5.1.1.2), lowest and highest."""
     if "PixelPaddingValue" not in frame:
-        return np.zeros(pixels.shape, dtype=bool)
+        return None
     low = int(frame.PixelPaddingValue)
     high = int(frame.get("PixelPaddingRangeLimit", low))
-    low, high = min(low, high), max(low, high)
-    return (pixels >= low) & (pixels <= high)
+    return min(low, high), max(low, high)
 
 
 def _first(value: object) -> float:
@@ -241,8 +279,11 @@ def _first(value: object) -> float:
     return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
 
 
-def _stored_or_robust_window(frame: Dataset, pixels: np.ndarray, padding: np.ndarray) -> Window:
-    """The first stored window, else one over the bulk of the non-padding pixels."""
+def _stored_or_robust_window(
+    frame: Dataset, values: np.ndarray, histogram: Callable[[], np.ndarray] | None
+) -> Window:
+    """The first stored window, else one over the bulk of the non-padding pixels: `values`
+    (Modality LUT output) each as often as `histogram()` counts it, or each once."""
     if "WindowCenter" in frame and "WindowWidth" in frame:
         function = str(frame.get("VOILUTFunction", "LINEAR") or "LINEAR").strip()
         try:
@@ -254,13 +295,36 @@ def _stored_or_robust_window(frame: Dataset, pixels: np.ndarray, padding: np.nda
             )
         except (TypeError, ValueError):
             pass  # a malformed stored window: fall back to the pixels
-    shown = pixels[~padding] if padding.any() else pixels.ravel()
-    if shown.size == 0:
-        return Window(0.0, 1.0)
-    low, high = np.percentile(apply_modality_lut(shown, frame), ROBUST_PERCENTILES)
+    if histogram is None:
+        if values.size == 0:
+            return Window(0.0, 1.0)
+        low, high = np.percentile(values, ROBUST_PERCENTILES)
+    else:
+        counts = histogram()
+        if not counts.any():
+            return Window(0.0, 1.0)
+        low, high = _weighted_percentiles(values, counts, ROBUST_PERCENTILES)
     if high <= low:
         return Window(float(low), 1.0)
     return Window((low + high) / 2.0 + 0.5, float(high - low) + 1.0)
+
+
+def _weighted_percentiles(
+    values: np.ndarray, counts: np.ndarray, percentiles: tuple[float, ...]
+) -> list[float]:
+    """What `np.percentile` (linear method) gives for the array holding each of `values`
+    `counts` times, without making that array: from the cumulative counts."""
+    order = np.argsort(values, kind="stable")
+    ordered, cumulative = values[order], np.cumsum(counts[order])
+    last = int(cumulative[-1]) - 1
+    found = []
+    for percentile in percentiles:
+        rank = percentile / 100.0 * last
+        below, above = math.floor(rank), math.ceil(rank)
+        at_below = ordered[np.searchsorted(cumulative, below, side="right")]
+        at_above = ordered[np.searchsorted(cumulative, above, side="right")]
+        found.append(float(at_below + (at_above - at_below) * (rank - below)))
+    return found
 
 
 def _to_8_bits(image: np.ndarray, bits: int) -> np.ndarray:
