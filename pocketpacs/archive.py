@@ -20,6 +20,7 @@ from storage.audit import AuditLog
 from storage.embedded_s3 import EmbeddedS3
 from storage.index import Index
 from storage.ingest import IngestPipeline
+from storage.local_copies import LocalCopies
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 from storage.registry import DEFAULT_INSTITUTION, Registry
 from storage.renditions import Renditions, ThumbnailWorker
@@ -76,8 +77,10 @@ def dicom_identify(registry: Registry, open_access: bool) -> Identify:
 
 
 @contextmanager
-def open_core(settings: Settings) -> Iterator[Core]:
-    """Object store and index ready to use; the embedded S3 server runs while inside."""
+def open_core(settings: Settings, local_copies: LocalCopies | None = None) -> Iterator[Core]:
+    """Object store and index ready to use; the embedded S3 server runs while inside.
+    `local_copies`: where the pipeline keeps a copy of what it stores (`serve` only: one
+    process accounts for that directory)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     embedded = EmbeddedS3(settings.data_dir) if settings.embedded_s3 else None
     index: Index | None = None
@@ -99,7 +102,9 @@ def open_core(settings: Settings) -> Iterator[Core]:
         _wait_for_bucket(objects)
         index = Index(settings.index_url)
         index.migrate()
-        pipeline = IngestPipeline(objects, index, upload_workers=settings.ingest_workers)
+        pipeline = IngestPipeline(
+            objects, index, upload_workers=settings.ingest_workers, local_copies=local_copies
+        )
         yield Core(objects=objects, index=index, pipeline=pipeline)
     finally:
         if pipeline is not None:
@@ -131,7 +136,8 @@ def dicom_tls_context(settings: Settings) -> ssl.SSLContext | None:
 def serve(settings: Settings) -> None:
     """Run everything until Ctrl-C or SIGTERM, then stop cleanly, embedded S3 included."""
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    with open_core(settings) as core:
+    copies = LocalCopies(settings.data_dir / "copies", settings.local_copies_mb * 1024 * 1024)
+    with open_core(settings, copies) as core:
         spool = Spool(
             settings.data_dir / "spool",
             core.pipeline,
@@ -139,7 +145,8 @@ def serve(settings: Settings) -> None:
             defer_seconds=settings.spool_defer_seconds,
         )
         # Series thumbnails made after ingest, off the store path (replayed instances too).
-        renditions = Renditions(core.objects)
+        renditions = Renditions(core.objects, local_copies=copies)
+        core.pipeline.listeners.append(renditions.stored)
         thumbnails = ThumbnailWorker(core.index, renditions)
         core.pipeline.listeners.append(thumbnails)
         thumbnails.start()

@@ -51,6 +51,9 @@ class Settings(BaseModel):
     dicom_tls_port: int | None = Field(None, ge=1, le=65535)
     spool_limit_mb: int = Field(20_000, ge=1)
     spool_defer_seconds: float = Field(30.0, ge=0, le=3600)
+    # Copies of recently stored and read originals kept on local disk (data_dir/copies) for
+    # rendering; 0 keeps none. The bucket stays the only place an original is kept.
+    local_copies_mb: int = Field(2_000, ge=0)
     # Issuer of the region's patient identifier: a PatientID with this issuer recognises
     # a patient across institutions without the issuer in the request.
     regional_issuer: str = ""

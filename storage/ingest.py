@@ -22,6 +22,7 @@ from pathlib import Path
 from storage import layout, metrics
 from storage.header import InstanceHeader, InvalidInstance, Rejection, read_header
 from storage.index import Index, IndexEntry, IndexRejected, IndexUnavailable, Origin
+from storage.local_copies import LocalCopies
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class StoreResult:
     header: InstanceHeader | None = None
     object_key: str = ""
     size: int = 0
+    sha256: str = ""  # of the stored bytes
 
     @property
     def sop_instance_uid(self) -> str:
@@ -127,9 +129,16 @@ class IngestPipeline:
     transaction. `store` is a batch of one.
     """
 
-    def __init__(self, objects: ObjectStore, index: Index, upload_workers: int = 8) -> None:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        index: Index,
+        upload_workers: int = 8,
+        local_copies: LocalCopies | None = None,
+    ) -> None:
         self.objects = objects
         self.index = index
+        self.local_copies = local_copies  # a copy of each stored original kept on local disk
         self.listeners: list[Listener] = []
         self._in_flight = _InFlight()
         self._uploads = ThreadPoolExecutor(upload_workers, thread_name_prefix="upload")
@@ -280,7 +289,7 @@ class IngestPipeline:
                 # Another process indexed the same instance between our check and our insert.
                 outcome, reason = StoreOutcome.DUPLICATE, "already stored"
             results[position] = StoreResult(
-                outcome, reason, entry.header, entry.object_key, entry.size
+                outcome, reason, entry.header, entry.object_key, entry.size, entry.sha256
             )
 
     def _upload(self, item: InstanceToStore, header: InstanceHeader) -> IndexEntry:
@@ -290,6 +299,8 @@ class IngestPipeline:
         size = item.path.stat().st_size
         digest = sha256_file(item.path)
         self.objects.put_file(key, item.path)
+        if self.local_copies is not None:
+            self.local_copies.add_file(digest, item.path)
         return IndexEntry(header, item.origin, size, digest, key)
 
     def _duplicate(

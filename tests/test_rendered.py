@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian
 
 from storage.query import Located
-from storage.rendering import Rendering
+from storage.rendering import Rendering, displayed
 from storage.renditions import RENDERED_PREFIX, Rendition, Renditions, rendition_key
 from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
@@ -414,6 +416,47 @@ def test_pixel_padding_is_left_black(stored) -> None:
     assert grey[:10].max() == 0  # padding: black
     assert grey[10:40].min() == 255  # -990, below the window, white in MONOCHROME1
     assert grey[40:].max() == 0  # 500, above the window, black in MONOCHROME1
+
+
+def test_a_window_from_the_pixels_covers_their_bulk() -> None:
+    """With no window asked for or stored, the window spans the 0.5th to 99.5th percentile
+    of the non-padding pixels (taken from a grid of them on a large image): the image
+    comes out as the exact percentiles would make it, within one grey level on average,
+    and the padding stays black."""
+    rng = np.random.default_rng(7)
+    pixels = rng.normal(300, 400, (1200, 1000)).astype(np.int16)
+    pixels[:100] = -2000  # padding, far below everything else
+    ds = small_ct(number=1, seed="bulk")
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelPaddingValue = -2000
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    shown = pixels[100:].astype(np.float64) - 1024
+    low, high = np.percentile(shown, (0.5, 99.5))
+    center, width = (low + high) / 2 + 0.5, high - low + 1
+    expected = np.clip((shown - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255
+    grey = displayed(ds, pixels, 0)
+    assert grey[:100].max() == 0
+    assert np.abs(grey[100:] - expected).mean() <= 1.0
+    assert grey[100:].min() == 0 and grey[100:].max() == 255  # the tails clipped, not lost
+
+
+def test_a_new_study_renders_while_the_object_store_hangs(stored, s3_server) -> None:
+    """A study just stored is rendered from the archive's local copy of its originals,
+    without the object store: with the store's process frozen, its first image still
+    arrives at once."""
+    archive, _ = stored
+    ds = small_ct(number=1, seed="local-copy")
+    path = store(archive, ds)
+    os.kill(s3_server.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = get(archive, path + "/rendered", accept="image/jpeg")
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(s3_server.process.pid, signal.SIGCONT)
+    assert response.status_code == 200, response.text
+    assert response.content.startswith(b"\xff\xd8")
+    assert elapsed < 5
 
 
 def test_a_held_image_is_revalidated_not_sent_again(stored) -> None:

@@ -17,11 +17,13 @@ def create_app(services: Services) -> FastAPI:
         version="0.1.0",
     )
     app.state.services = services
+    # Rendered images first: the most frequent requests, and FastAPI tries each route in
+    # order (a cached image's request spent a fifth of its time finding its route).
+    app.include_router(rendered.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(qido.router)
     app.include_router(wado.router)
-    app.include_router(rendered.router)
     app.include_router(stow.router)
     app.include_router(audit.router)
     app.include_router(shares.router)
