@@ -170,13 +170,14 @@ def serve(settings: Settings) -> None:
             ssl_context=dicom_tls_context(settings),
         )
         dicom.start()
+        audit = AuditLog(core.index)  # the HTTP side's: answers from memory queue events
         app = create_app(
             Services(
                 objects=core.objects,
                 index=core.index,
                 spool=spool,
                 registry=registry,
-                audit=AuditLog(core.index),
+                audit=audit,
                 renditions=renditions,
                 open_access=settings.open,
                 regional_issuer=settings.regional_issuer,
@@ -214,3 +215,4 @@ def serve(settings: Settings) -> None:
             spool.close()
             thumbnails.stop()
             renditions.close()
+            audit.close()

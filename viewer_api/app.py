@@ -7,6 +7,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from storage.index import IndexUnavailable
 from viewer_api.deps import Services, index_unavailable
+from viewer_api.recent_answers import AnswerFromMemory, RecentAnswers
 from viewer_api.routes import audit, health, metrics, pocket, qido, rendered, shares, stow, wado
 
 
@@ -33,4 +34,7 @@ def create_app(services: Services) -> FastAPI:
     app.add_exception_handler(IndexUnavailable, index_unavailable)
     app.add_exception_handler(SQLAlchemyError, index_unavailable)
     app.add_middleware(pocket.PocketHeaders)
+    # Outermost: a rendered image asked again is answered before anything else runs.
+    app.state.recent_answers = RecentAnswers(getattr(services, "audit", None))
+    app.add_middleware(AnswerFromMemory, answers=app.state.recent_answers)
     return app

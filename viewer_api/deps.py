@@ -83,21 +83,20 @@ def record_for(
     resource: str = "",
     instances: int = 0,
     detail: str = "",
-) -> None:
-    """An audit event for something an authenticated HTTP caller did."""
-    record(
-        services,
-        AuditEntry(
-            actor=caller.actor,
-            institution=caller.institution,
-            action=action,
-            outcome=outcome,
-            resource=resource[:200],
-            source=caller.source,
-            instances=instances,
-            detail=detail,
-        ),
+) -> AuditEntry:
+    """An audit event for something an authenticated HTTP caller did (and the event)."""
+    entry = AuditEntry(
+        actor=caller.actor,
+        institution=caller.institution,
+        action=action,
+        outcome=outcome,
+        resource=resource[:200],
+        source=caller.source,
+        instances=instances,
+        detail=detail,
     )
+    record(services, entry)
+    return entry
 
 
 async def index_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -183,6 +182,13 @@ def visible_instances(
     finds them for this caller (the rule C-MOVE and C-GET use): another institution's study
     needs the patient identifier, given as the query parameters `PatientID` and
     `IssuerOfPatientID`. None visible is a 404, exactly as if none existed. Audited."""
+    return visible_and_audited(services, caller, request, uids)[0]
+
+
+def visible_and_audited(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str]
+) -> tuple[list[Located], AuditEntry]:
+    """`visible_instances`, and the audit event it recorded."""
     path_uids(uids)
     keys = dict(uids)
     for name in _IDENTIFIER_PARAMETERS:
@@ -196,7 +202,7 @@ def visible_instances(
         else QueryLevel.STUDY
     )
     found = locate(services.index, Query(level, keys), services.viewer(caller))
-    record_for(
+    entry = record_for(
         services,
         caller,
         "retrieve",
@@ -206,4 +212,4 @@ def visible_instances(
     )
     if not found:
         raise HTTPException(404, f"no such {level.name.lower()} visible to this key")
-    return found
+    return found, entry

@@ -16,12 +16,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from storage import metrics
+from storage.audit import AuditEntry
 from storage.frames import FrameNotFound, frame_number
 from storage.objects import ObjectStoreUnavailable
 from storage.registry import Caller
 from storage.rendering import FORMATS, Rendering, Undecodable, Window, WindowFunction
 from storage.renditions import THUMBNAIL, rendition_key, representatives
-from viewer_api.deps import ReadCaller, Services, ServicesDep, visible_instances
+from viewer_api.deps import ReadCaller, Services, ServicesDep, visible_and_audited
+from viewer_api.recent_answers import RecentAnswers
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb rendered"])
 
@@ -115,10 +117,10 @@ def _rendered(
     uids: dict[str, str],
     frame: int | None,
     rendering: Rendering,
-) -> tuple[bytes | None, str]:
-    """The rendered image and its entity tag; None for the image when the client holds
-    it already (If-None-Match)."""
-    located = visible_instances(services, caller, request, uids)
+) -> tuple[bytes | None, str, AuditEntry]:
+    """The rendered image, its entity tag and the audit event recorded; None for the
+    image when the client holds it already (If-None-Match)."""
+    located, audited = visible_and_audited(services, caller, request, uids)
     renditions = services.renditions
     assert renditions is not None  # Services makes one
     candidates = representatives(located)
@@ -128,11 +130,11 @@ def _rendered(
             f'"{hashlib.sha256(rendition_key(item, frame, rendering).encode()).hexdigest()[:32]}"'
         )
         if etag in held:
-            return None, etag
+            return None, etag, audited
         try:
             rendition = renditions.rendered(item, frame, rendering)
             metrics.RENDITIONS.labels("cached" if rendition.cached else "rendered").inc()
-            return rendition.data, etag
+            return rendition.data, etag, audited
         except FrameNotFound as exc:
             if position + 1 < len(candidates) and "no image" in str(exc):
                 continue  # a study thumbnail: this series holds no images, try the next
@@ -155,12 +157,15 @@ async def _respond(
     """The image, with an entity tag a phone or browser revalidates with (no-cache: the
     access check and the audit run for every view; an image it holds costs a 304)."""
     rendering = rendering_of(request, THUMBNAIL if thumbnail else Rendering())
-    body, etag = await run_in_threadpool(
+    body, etag, audited = await run_in_threadpool(
         _rendered, services, caller, request, uids, frame, rendering
     )
     headers = {"Vary": "Accept", "ETag": etag, "Cache-Control": "private, no-cache"}
     if body is None:
         return Response(status_code=304, headers=headers)
+    recent: RecentAnswers | None = getattr(request.app.state, "recent_answers", None)
+    if recent is not None:
+        recent.remember(request, audited, body, rendering.media_type, etag, headers)
     return Response(body, media_type=rendering.media_type, headers=headers)
 
 
