@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian
+from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian, generate_uid
 
 from storage.query import Located
 from storage.rendering import Rendering, displayed
@@ -420,6 +420,26 @@ def test_pixel_padding_is_left_black(stored) -> None:
     assert grey[:10].max() == 0  # padding: black
     assert grey[10:40].min() == 255  # -990, below the window, white in MONOCHROME1
     assert grey[40:].max() == 0  # 500, above the window, black in MONOCHROME1
+
+
+def test_an_enhanced_ct_renders_each_frame_in_its_own_window(stored) -> None:
+    """Enhanced CT (pydicom's eCT_Supplemental, two frames) given a window per frame in its
+    Per-Frame Functional Groups, over the shared one: each frame comes out as its own
+    window makes it, in Hounsfield units from the shared Pixel Value Transformation."""
+    archive, _ = stored
+    ds = dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    windows = [(40.0, 400.0), (-600.0, 1500.0)]  # soft tissue, then lung
+    for group, (center, width) in zip(ds.PerFrameFunctionalGroupsSequence, windows, strict=True):
+        voi = Dataset()
+        voi.WindowCenter, voi.WindowWidth = center, width
+        group.FrameVOILUTSequence = [voi]
+    path = store(archive, ds)
+    hounsfield = ds.pixel_array.astype(np.float64) - 1024  # Rescale Intercept -1024, slope 1
+    for number, (center, width) in enumerate(windows, start=1):
+        grey = image(get(archive, f"{path}/frames/{number}/rendered"))
+        expected = np.clip((hounsfield[number - 1] - (center - 0.5)) / (width - 1) + 0.5, 0, 1)
+        assert np.abs(grey - expected * 255).mean() <= 1.0, f"frame {number}"
 
 
 def test_a_window_from_the_pixels_covers_their_bulk() -> None:
