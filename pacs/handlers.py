@@ -9,6 +9,8 @@ The store itself and the log line live on `DicomContext`, shared with the lean a
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 import weakref
 from collections.abc import Callable
@@ -198,6 +200,53 @@ def log_association(tally: AssociationTally) -> None:
         log.info(line)
 
 
+class ReceivedFile:
+    """The file pynetdicom receives a C-STORE data set into, in place of the
+    `NamedTemporaryFile` it would make (see `DicomServer.start`): it keeps a write error
+    instead of raising it.
+
+    Why: raised in pynetdicom's reactor, an error such as a full disk ends the association
+    with no answer; kept, the rest of the data set is read and dropped, and `handle_store`
+    answers 0xA700 with the reason, as the lean acceptor does. Writes go straight to the
+    file (pynetdicom flushed after each one anyway), so none can fail later, on close.
+    """
+
+    def __init__(self, *, mode: str = "wb", suffix: str = "", delete: bool = False) -> None:
+        """The arguments pynetdicom passes: always a new binary file, kept after closing."""
+        fd, self.name = tempfile.mkstemp(suffix=suffix)
+        self._raw = os.fdopen(fd, "wb", buffering=0)  # closed when dropped, as before
+        self.file = self  # pynetdicom calls `file.flush()` after every write
+        self.failure = ""
+        _RECEIVING[Path(self.name)] = self
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        size = len(view)
+        if not self.failure:
+            try:
+                while view:
+                    view = view[self._raw.write(view) :]
+            except OSError as exc:
+                self.failure = f"cannot write the received data: {exc.strerror or exc}"
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+# The files pynetdicom is receiving into, by path, while it holds them.
+_RECEIVING: weakref.WeakValueDictionary[Path, ReceivedFile] = weakref.WeakValueDictionary()
+
+
+def not_received(path: Path) -> str:
+    """Why the data set at `path` could not be written whole ("" if it was)."""
+    received = _RECEIVING.get(path)
+    return received.failure if received is not None else ""
+
+
 def handle_echo(event: Event) -> int:
     """EVT_C_ECHO (PS3.4 A.4): the Verification SCP always answers Success."""
     return VerificationStatus.SUCCESS
@@ -206,12 +255,14 @@ def handle_echo(event: Event) -> int:
 def handle_store(event: Event, context: DicomContext) -> Dataset:
     """EVT_C_STORE: the data set arrives as a Part 10 file (chunked receive)."""
     request = event.request
+    path = Path(event.dataset_path)
     status, comment = context.store(
         context.tally(event.assoc),
-        Path(event.dataset_path),
+        path,
         str(request.AffectedSOPClassUID or ""),
         str(request.AffectedSOPInstanceUID or ""),
         str(event.context.abstract_syntax),
+        not_received=not_received(path),
     )
     answer = Dataset()
     answer.Status = status

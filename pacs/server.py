@@ -12,7 +12,7 @@ import tempfile
 import threading
 
 from pydicom import uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     _STORAGE_CLASSES,
@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.find import FIND_MODELS
-from pacs.handlers import DicomContext, Identify, bindings
+from pacs.handlers import DicomContext, Identify, ReceivedFile, bindings
 from pacs.lean_acceptor import LeanAcceptor
 from storage.audit import AuditLog
 from storage.index import Index
@@ -222,6 +222,8 @@ class DicomServer:
         # memory, and that file must be on the spool's filesystem so it can be linked
         # into the spool without a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # A write that fails there (a full disk) is then answered 0xA700, not an abort.
+        dimse_messages.NamedTemporaryFile = ReceivedFile  # type: ignore[assignment]
         # pynetdicom's own handlers format a log record for every PDU and DIMSE message;
         # we log one line per association instead (pacs.handlers), so skip that work.
         _config.LOG_HANDLER_LEVEL = "none"

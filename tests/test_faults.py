@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -21,13 +22,15 @@ import psycopg
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage, Verification
 
+from pocketpacs.cli import main
 from storage.embedded_s3 import EmbeddedS3
-from tests.conftest import POSTGRES_ADMIN, bucket_of, s3_env
+from tests.conftest import POSTGRES_ADMIN, bucket_of, free_port, s3_env
 from tests.dicom_factory import ct_series
 from tests.test_cstore import dataset_bytes, wait_drained
 from tests.test_serve import healthz, sqlite_row, wait_for
+from tests.test_tls import make_certificates
 
 COUNT = 150
 DOWN_SECONDS = 12
@@ -185,7 +188,8 @@ def test_database_connections_cut_during_a_push_and_queries(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MB tmpfs of its own for the data directory (root only: mount(8))."""
+    """A 64 MB tmpfs of its own for the data directory (root only: mount(8)). Asked for
+    before `archive_factory`, so the archive is stopped before its disk is unmounted."""
     mount = tmp_path / "disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
@@ -195,7 +199,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_data_disk_full(archive_factory, s3_server, small_disk: Path, tmp_path: Path) -> None:
+def test_data_disk_full(small_disk: Path, archive_factory, s3_server, tmp_path: Path) -> None:
     """The data directory's disk fills up under a push: clear refusals (0xA700), no crash,
     nothing acknowledged lost or damaged, and storing resumes once there is room."""
     archive = archive_factory(s3_env(s3_server), data_dir=small_disk / "data")
@@ -222,6 +226,102 @@ def test_data_disk_full(archive_factory, s3_server, small_disk: Path, tmp_path: 
     retried: list[tuple[str, int, float]] = []
     _push(archive.dicom_port, [originals[uid] for uid, code, _ in results if code], retried)
     assert {code for _, code, _ in retried} == {0x0000}
+
+
+def _push_tls(port: int, pki: dict[str, Path], paths: list[Path]) -> list[tuple[str, int, str]]:
+    """One DICOM TLS association as MODALITY, with its client certificate, one instance after
+    another: (SOPInstanceUID, status, Error Comment). Ends with a C-ECHO on the same
+    association, which must still be up."""
+    tls = ssl.create_default_context(cafile=pki["ca.crt"])
+    tls.load_cert_chain(pki["client.crt"], pki["client.key"])
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="POCKETPACS", tls_args=(tls, "127.0.0.1"))
+    assert assoc.is_established
+    results: list[tuple[str, int, str]] = []
+    try:
+        for path in paths:
+            ds = dcmread(path)
+            answer = assoc.send_c_store(ds)
+            code = int(answer.Status) if answer else -1
+            results.append((str(ds.SOPInstanceUID), code, str(answer.get("ErrorComment", ""))))
+        echo = assoc.send_c_echo()
+        assert echo and echo.Status == 0x0000, "the association did not go on"
+    finally:
+        assoc.release()
+    return results
+
+
+def test_data_disk_full_on_the_tls_port(
+    small_disk: Path, archive_factory, s3_server, tmp_path: Path
+) -> None:
+    """The data disk fills up under a push on the DICOM TLS port, where pynetdicom receives
+    the data sets (not the lean acceptor): the same promises as `test_data_disk_full`, and
+    what was stored before the disk filled is left as it was."""
+    pki = make_certificates(tmp_path / "pki")
+    tls_port = free_port()
+    archive = archive_factory(
+        {
+            **s3_env(s3_server),
+            "POCKETPACS_TLS_CERT": str(pki["server.crt"]),
+            "POCKETPACS_TLS_KEY": str(pki["server.key"]),
+            "POCKETPACS_TLS_CLIENT_CA": str(pki["ca.crt"]),
+            "POCKETPACS_DICOM_TLS_PORT": str(tls_port),
+        },
+        data_dir=small_disk / "data",
+    )
+    archive.trust = ssl.create_default_context(cafile=pki["ca.crt"])
+    archive.extra_args = []
+    data = ["--data-dir", str(archive.data_dir)]
+    assert main(["institutions", "add", "north", *data]) == 0
+    assert (
+        main(["nodes", "add", "MODALITY", "127.0.0.1", "1", "--institution", "north", *data]) == 0
+    )
+    archive.start()
+    paths = ct_series(tmp_path / "ct", count=23, seed="full-disk-tls")
+    originals = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
+    earlier, paths = paths[:3], paths[3:]
+    assert {code for _, code, _ in _push_tls(tls_port, pki, earlier)} == {0x0000}
+    wait_drained(archive)
+    bucket = bucket_of(archive, s3_server)
+    held = {}
+    for path in earlier:
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        row = sqlite_row(archive.data_dir, uid)
+        assert row is not None, uid
+        held[uid] = (row, bucket.get(row[0]))
+
+    filler = small_disk / "filler"
+    free = shutil.disk_usage(small_disk).free
+    with filler.open("wb") as out:  # leave room for about four 0.5 MB instances
+        out.write(b"\0" * (free - 2_200_000))
+    results = _push_tls(tls_port, pki, paths)
+    assert len(results) == len(paths)  # every C-STORE answered
+    codes = [code for _, code, _ in results]
+    assert set(codes) <= {0x0000, 0xA700} and 0xA700 in codes, codes
+    for _, code, comment in results:
+        if code == 0xA700:
+            assert "No space left on device" in comment, comment
+    assert archive.process is not None and archive.process.poll() is None  # still serving
+
+    filler.unlink()
+    wait_drained(archive, timeout=120)
+    for uid, (row, stored) in held.items():  # what was there before is as it was
+        assert sqlite_row(archive.data_dir, uid) == row
+        assert bucket.get(row[0]) == stored
+    for uid, code, _ in results:
+        if code == 0x0000:
+            row = sqlite_row(archive.data_dir, uid)
+            assert row is not None, uid
+            assert dataset_bytes(bucket.get(row[0])) == dataset_bytes(originals[uid].read_bytes())
+    refused = [originals[uid] for uid, code, _ in results if code]
+    assert {code for _, code, _ in _push_tls(tls_port, pki, refused)} == {0x0000}
+    wait_drained(archive, timeout=120)
+    for path in refused:
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert sqlite_row(archive.data_dir, uid) is not None, uid
 
 
 def test_embedded_object_store_comes_back(archive_factory, tmp_path: Path) -> None:
