@@ -25,7 +25,7 @@ from storage.objects import ObjectStore, ObjectStoreUnavailable
 from storage.registry import DEFAULT_INSTITUTION, Registry
 from storage.renditions import Renditions, ThumbnailWorker
 from storage.spool import Spool
-from viewer_api.app import create_app
+from viewer_api.app import create_app, served
 from viewer_api.deps import Services
 
 log = logging.getLogger("pocketpacs")
@@ -186,7 +186,7 @@ def serve(settings: Settings) -> None:
         )
         http = uvicorn.Server(
             uvicorn.Config(
-                app,
+                served(app),
                 host=settings.host,
                 port=settings.http_port,
                 log_config=None,

@@ -44,6 +44,9 @@ _INSERT = insert(AuditEvent)
 # Events `record_soon` holds at most; past it, `record_soon` refuses (its caller records
 # the event itself, the slow way).
 WAITING_AT_MOST = 10_000
+# The writer gathers events this long before writing them: one transaction for many, and
+# no database work racing the answers that queued them.
+GATHER_SECONDS = 0.05
 
 
 class AuditLog:
@@ -60,10 +63,11 @@ class AuditLog:
         self._write([entry])
 
     def record_soon(self, entry: AuditEntry) -> bool:
-        """Queue one event for a writer thread, which writes what is waiting at once, in
-        one transaction: for a caller that must not wait for the database (an HTTP answer
-        from memory, on the event loop). False, and nothing queued, when closing or when
-        `WAITING_AT_MOST` wait already (the database is down or slow)."""
+        """Queue one event for a writer thread, which writes what is waiting within
+        `GATHER_SECONDS`, in one transaction: for a caller that must not wait for the
+        database (an HTTP answer from memory, on the event loop). False, and nothing
+        queued, when closing or when `WAITING_AT_MOST` wait already (the database is down
+        or slow)."""
         with self._lock:
             if self._closing or len(self._waiting) >= WAITING_AT_MOST:
                 return False
@@ -71,7 +75,8 @@ class AuditLog:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_soon, name="audit", daemon=True)
                 self._writer.start()
-            self._wake.notify()
+            if len(self._waiting) == 1:
+                self._wake.notify()
         return True
 
     def close(self) -> None:
@@ -90,6 +95,8 @@ class AuditLog:
                     self._wake.wait()
                 if not self._waiting:
                     return
+                if not self._closing:
+                    self._wake.wait(GATHER_SECONDS)  # woken early only by `close`
                 batch = list(self._waiting)
             try:
                 self._write(batch)
