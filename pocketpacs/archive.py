@@ -24,6 +24,7 @@ from storage.local_copies import LocalCopies
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 from storage.registry import DEFAULT_INSTITUTION, Registry
 from storage.renditions import Renditions, ThumbnailWorker
+from storage.shares import Shares
 from storage.spool import Spool
 from viewer_api.app import create_app, served
 from viewer_api.deps import Services
@@ -170,7 +171,8 @@ def serve(settings: Settings) -> None:
             ssl_context=dicom_tls_context(settings),
         )
         dicom.start()
-        audit = AuditLog(core.index)  # the HTTP side's: answers from memory queue events
+        audit = AuditLog(core.index)  # the HTTP side's: it queues successful accesses
+        shares = Shares(core.index)
         app = create_app(
             Services(
                 objects=core.objects,
@@ -179,6 +181,7 @@ def serve(settings: Settings) -> None:
                 registry=registry,
                 audit=audit,
                 renditions=renditions,
+                shares=shares,
                 open_access=settings.open,
                 regional_issuer=settings.regional_issuer,
                 public_url=settings.base_url,
@@ -215,4 +218,5 @@ def serve(settings: Settings) -> None:
             spool.close()
             thumbnails.stop()
             renditions.close()
+            shares.close()
             audit.close()

@@ -56,6 +56,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None  # started by the first record_soon
+        self._writing = threading.Lock()  # the writer thread's batch, or a `flush`
         self._closing = False
 
     def record(self, entry: AuditEntry) -> None:
@@ -88,6 +89,18 @@ class AuditLog:
         if writer is not None:
             writer.join(timeout=30)
 
+    def flush(self) -> None:
+        """Write the events `record_soon` queued, now (a search must see every event
+        recorded before it). IndexUnavailable."""
+        with self._writing:
+            with self._lock:
+                batch = list(self._waiting)
+            if batch:
+                self._write(batch)
+                with self._lock:
+                    for _ in batch:
+                        self._waiting.popleft()
+
     def _write_soon(self) -> None:
         while True:
             with self._lock:
@@ -97,21 +110,16 @@ class AuditLog:
                     return
                 if not self._closing:
                     self._wake.wait(GATHER_SECONDS)  # woken early only by `close`
-                batch = list(self._waiting)
             try:
-                self._write(batch)
+                self.flush()
             except IndexUnavailable as exc:
-                log.warning("audit: %d events wait for the index: %s", len(batch), exc)
                 with self._lock:
+                    log.warning("audit: %d events wait for the index: %s", len(self._waiting), exc)
                     if self._closing:
-                        log.error("audit: %d events lost at shutdown", len(batch))
+                        log.error("audit: %d events lost at shutdown", len(self._waiting))
                         self._waiting.clear()
                         return
                     self._wake.wait(1.0)
-                continue
-            with self._lock:
-                for _ in batch:
-                    self._waiting.popleft()
 
     def _write(self, entries: list[AuditEntry]) -> None:
         """Rows inserted directly: every query and retrieval writes one, and the ORM's
@@ -139,6 +147,7 @@ class AuditLog:
         limit: int = 100,
     ) -> list[AuditEntry]:
         """Newest first."""
+        self.flush()
         query = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc())
         for column, value in (
             (AuditEvent.institution, institution),

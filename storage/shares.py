@@ -12,23 +12,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import logging
 import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import segno
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
-from storage.index import Index
+from storage.index import Index, IndexUnavailable
 from storage.models import Instance as InstanceRow
 from storage.models import Patient, Series, Share, ShareDay, ShareFailure, Study
 from storage.query import Located, Query, QueryLevel, Viewer, locate
+
+log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 24  # 192 bits; SPEC 6 asks for at least 128
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
@@ -40,6 +43,8 @@ MISSES_AFTER = 20
 DEFAULT_DAYS = 30
 # How long a study's arrangement for the page is reused, and for how many studies.
 STUDY_SECONDS = 5.0
+# Views are counted in memory and written together at most this long after the first.
+VIEWS_WRITTEN_WITHIN = 1.0
 STUDIES_KEPT = 256
 LONGEST_DAYS = 3650
 
@@ -147,6 +152,20 @@ def _link(row: Share) -> ShareLink:
     )
 
 
+# What `Shares.open` asks, built once.
+_MISSES = (
+    select(ShareFailure.at)
+    .where(
+        ShareFailure.source == bindparam("source"),
+        ShareFailure.share_pk.is_(None),
+        ShareFailure.at > bindparam("since"),
+    )
+    .order_by(ShareFailure.at.desc())
+    .limit(MISSES_AFTER)
+)
+_BY_DIGEST = select(Share.__table__).where(Share.token_sha256 == bindparam("digest"))
+
+
 class Shares:
     """Make, list, revoke and open share links; check access codes; count views."""
 
@@ -155,6 +174,11 @@ class Shares:
         self.clock = clock or (lambda: datetime.now(UTC))
         self._studies: OrderedDict[str, tuple[float, PocketStudy | None]] = OrderedDict()
         self._lock = threading.Lock()
+        # Views counted, not written yet: (link id, day) -> views; link id -> last view.
+        self._views: Counter[tuple[int, date]] = Counter()
+        self._last_views: dict[int, datetime] = {}
+        self._views_timer: threading.Timer | None = None
+        self._writing_views = threading.Lock()
 
     def study(self, study_instance_uid: str) -> PocketStudy | None:
         """`pocket_study`, remembered for `STUDY_SECONDS`: a phone swiping through a
@@ -210,6 +234,7 @@ class Shares:
 
     def list(self, institution: str) -> list[ShareLink]:
         """An institution's links, newest first."""
+        self.write_views()
         query = select(Share).where(Share.institution == institution).order_by(Share.id.desc())
         with self.index.session() as session:
             return [_link(row) for row in session.scalars(query)]
@@ -233,47 +258,39 @@ class Shares:
         or was revoked. The token is looked up by its digest: a token right in all but one
         character is as far from a link as any other."""
         since = self.clock() - timedelta(minutes=LOCK_MINUTES)
-        with self.index.session() as session:
-            misses = session.scalars(
-                select(ShareFailure.at)
-                .where(
-                    ShareFailure.source == source,
-                    ShareFailure.share_pk.is_(None),
-                    ShareFailure.at > since,
-                )
-                .order_by(ShareFailure.at.desc())
-                .limit(MISSES_AFTER)
-            ).all()
+        # Core selects, not the ORM: a phone opens the link with every image it asks for,
+        # and the ORM session took half of that.
+        with self.index.reading() as connection:
+            misses = connection.execute(_MISSES, {"source": source, "since": since}).all()
             if len(misses) >= MISSES_AFTER:
-                oldest = _aware(misses[-1])
+                oldest = _aware(misses[-1].at)
                 assert oldest is not None
                 raise ShareLocked(int((oldest - since).total_seconds()) + 1)
             row = None
             if _TOKEN.fullmatch(token):
-                row = session.scalars(
-                    select(Share).where(Share.token_sha256 == token_sha256(token))
-                ).first()
-            if row is None:
-                session.add(ShareFailure(share_pk=None, source=source, at=self.clock()))
-                session.commit()
-                raise ShareNotFound("no such link")
-            link = _link(row)
-            reason = (
-                "revoked"
-                if link.revoked_at is not None
-                else "expired"
-                if link.expires_at <= self.clock()
-                else None
-            )
-            if reason is None:
-                return link, row.access_code_sha256
-            # Whom to ask: the hospital as the patient knows it, from the study itself.
-            hospital = session.scalar(
-                select(Study.institution_name).where(
-                    Study.study_instance_uid == link.study_instance_uid
+                row = connection.execute(_BY_DIGEST, {"digest": token_sha256(token)}).first()
+            if row is not None:
+                link = _link(row)
+                reason = (
+                    "revoked"
+                    if link.revoked_at is not None
+                    else "expired"
+                    if link.expires_at <= self.clock()
+                    else None
                 )
-            )
-            raise ShareGone(reason, hospital or link.institution)
+                if reason is None:
+                    return link, row.access_code_sha256
+                # Whom to ask: the hospital as the patient knows it, from the study itself.
+                hospital = connection.execute(
+                    select(Study.institution_name).where(
+                        Study.study_instance_uid == link.study_instance_uid
+                    )
+                ).scalar()
+                raise ShareGone(reason, hospital or link.institution)
+        with self.index.session() as session:
+            session.add(ShareFailure(share_pk=None, source=source, at=self.clock()))
+            session.commit()
+        raise ShareNotFound("no such link")
 
     def locked_for(self, link: ShareLink, source: str) -> int:
         """Seconds until this link, or this address, may try a code again (0: now)."""
@@ -320,34 +337,81 @@ class Shares:
         raise WrongCode(remaining)
 
     def count_view(self, link: ShareLink) -> None:
-        """One more view of the link, today and in all."""
+        """One more view of the link, today and in all: counted now, written with the
+        others within `VIEWS_WRITTEN_WITHIN` (a write per view waited behind ingest for
+        the database, and under load that wait was most of a phone's)."""
         now = self.clock()
-        today: date = now.date()
-        with self.index.session() as session:
-            session.execute(
-                update(Share)
-                .where(Share.id == link.id)
-                .values(views=Share.views + 1, last_view_at=now)
-            )
-            changed = session.execute(
-                update(ShareDay)
-                .where(ShareDay.share_pk == link.id, ShareDay.day == today)
-                .values(views=ShareDay.views + 1)
-            )
-            if not changed.rowcount:  # type: ignore[attr-defined]
-                session.add(ShareDay(share_pk=link.id, day=today, views=1))
+        with self._lock:
+            self._views[(link.id, now.date())] += 1
+            self._last_views[link.id] = now
+            if self._views_timer is None:
+                self._views_timer = threading.Timer(VIEWS_WRITTEN_WITHIN, self._write_later)
+                self._views_timer.daemon = True
+                self._views_timer.start()
+
+    def write_views(self) -> None:
+        """Write the views counted so far (before reading them, and at shutdown).
+        IndexUnavailable, with the views kept for the next try."""
+        with self._writing_views:
+            with self._lock:
+                views, last = self._views, self._last_views
+                self._views, self._last_views = Counter(), {}
+                if self._views_timer is not None:
+                    self._views_timer.cancel()
+                    self._views_timer = None
+            if not views:
+                return
             try:
-                session.commit()
-            except IntegrityError:  # another view made today's row first
-                session.rollback()
+                self._write_views(views, last)
+            except (IndexUnavailable, SQLAlchemyError):
+                with self._lock:
+                    self._views.update(views)
+                    for share_pk, at in last.items():
+                        self._last_views.setdefault(share_pk, at)
+                raise
+
+    def close(self) -> None:
+        """Write the views counted so far."""
+        try:
+            self.write_views()
+        except (IndexUnavailable, SQLAlchemyError) as exc:
+            log.error("share link views not written at shutdown: %s", exc)
+
+    def _write_later(self) -> None:
+        try:
+            self.write_views()
+        except (IndexUnavailable, SQLAlchemyError) as exc:
+            log.warning("share link views wait for the index: %s", exc)
+            with self._lock:
+                if self._views_timer is None:
+                    self._views_timer = threading.Timer(VIEWS_WRITTEN_WITHIN, self._write_later)
+                    self._views_timer.daemon = True
+                    self._views_timer.start()
+
+    def _write_views(self, views: Counter[tuple[int, date]], last: dict[int, datetime]) -> None:
+        totals: Counter[int] = Counter()
+        for (share_pk, _), count in views.items():
+            totals[share_pk] += count
+        with self.index.session() as session:
+            for share_pk, count in totals.items():
                 session.execute(
-                    update(ShareDay)
-                    .where(ShareDay.share_pk == link.id, ShareDay.day == today)
-                    .values(views=ShareDay.views + 1)
+                    update(Share)
+                    .where(Share.id == share_pk)
+                    .values(views=Share.views + count, last_view_at=last[share_pk])
                 )
-                session.commit()
+            for (share_pk, day), count in views.items():
+                changed = session.execute(
+                    update(ShareDay)
+                    .where(ShareDay.share_pk == share_pk, ShareDay.day == day)
+                    .values(views=ShareDay.views + count)
+                )
+                if not changed.rowcount:  # type: ignore[attr-defined]
+                    session.add(ShareDay(share_pk=share_pk, day=day, views=count))
+                    session.flush()  # another process's row for the day shows up here
+            session.commit()
 
     def views_by_day(self, share_id: int) -> dict[date, int]:
+        self.write_views()
         with self.index.session() as session:
             rows = session.execute(
                 select(ShareDay.day, ShareDay.views).where(ShareDay.share_pk == share_id)

@@ -18,9 +18,11 @@ def create_app(services: Services) -> FastAPI:
         version="0.1.0",
     )
     app.state.services = services
-    # Rendered images first: the most frequent requests, and FastAPI tries each route in
-    # order (a cached image's request spent a fifth of its time finding its route).
+    # Rendered images and pocket film first: the most frequent requests, and FastAPI tries
+    # each route in order (a cached image's request spent a fifth of its time finding its
+    # route, a phone's a tenth).
     app.include_router(rendered.router)
+    app.include_router(pocket.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(qido.router)
@@ -28,7 +30,6 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(stow.router)
     app.include_router(audit.router)
     app.include_router(shares.router)
-    app.include_router(pocket.router)
     app.add_exception_handler(pocket.PageError, pocket.page_error_handler)
     # A database gone or a connection cut, wherever a route met it: 503, retry.
     app.add_exception_handler(IndexUnavailable, index_unavailable)

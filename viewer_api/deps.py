@@ -65,8 +65,15 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def record(services: Services, entry: AuditEntry) -> None:
-    """Audit an HTTP request; a lost audit event is logged, never a failed request."""
+    """Audit an HTTP request; a lost audit event is logged, never a failed request.
+
+    A successful access is queued for the audit writer (written within 50 ms, with
+    others): on the request's path, an SQLite write waits its turn behind ingest, and under
+    load that wait was most of a phone's (docs/reliability.md). A refusal or a failure is
+    written before the answer."""
     if services.audit is None:
+        return
+    if entry.outcome == audit.OK and services.audit.record_soon(entry):
         return
     try:
         services.audit.record(entry)

@@ -224,11 +224,15 @@ async def opened(token: str, request: Request, services: ServicesDep) -> Opened:
     return await run_in_threadpool(_open, services, request, token)
 
 
-async def unlocked(request: Request, link: Annotated[Opened, Depends(opened)]) -> Opened:
+def _unlocked(request: Request, link: Opened) -> Opened:
     """The link, once its access code (if any) was given in this browser."""
     if link.unlocked_cookie is not None and request.cookies.get(COOKIE) != link.unlocked_cookie:
         raise HTTPException(401, "this link needs its access code")
     return link
+
+
+async def unlocked(request: Request, link: Annotated[Opened, Depends(opened)]) -> Opened:
+    return _unlocked(request, link)
 
 
 OpenedLink = Annotated[Opened, Depends(opened)]
@@ -377,17 +381,36 @@ def _jpeg(data: bytes) -> Response:
     return Response(data, media_type="image/jpeg")
 
 
+def _unlocked_picture(
+    services: Services,
+    request: Request,
+    token: str,
+    series: int,
+    image: int | None,
+    rendering: Rendering,
+) -> bytes:
+    """Open the link, check its code, render: in one thread hop, not one per step, since
+    images are most of what a phone asks for."""
+    link = _unlocked(request, _open(services, request, token))
+    return _picture(services, link, series, image, rendering)
+
+
 @router.get("/series/{series}/thumbnail")
-async def thumbnail(series: int, services: ServicesDep, link: UnlockedLink) -> Response:
-    return _jpeg(await run_in_threadpool(_picture, services, link, series, None, THUMBNAIL))
+async def thumbnail(token: str, series: int, request: Request, services: ServicesDep) -> Response:
+    return _jpeg(
+        await run_in_threadpool(
+            _unlocked_picture, services, request, token, series, None, THUMBNAIL
+        )
+    )
 
 
 @router.get("/series/{series}/images/{image}")
 async def image(
+    token: str,
     series: int,
     image: int,
+    request: Request,
     services: ServicesDep,
-    link: UnlockedLink,
     size: int = 512,
     preset: str = "",
 ) -> Response:
@@ -398,7 +421,11 @@ async def image(
     if preset and preset not in PRESETS:
         raise HTTPException(400, f"preset is one of {', '.join(PRESETS)}")
     rendering = Rendering("image/jpeg", (size, size), PRESETS.get(preset), QUALITY)
-    return _jpeg(await run_in_threadpool(_picture, services, link, series, image, rendering))
+    return _jpeg(
+        await run_in_threadpool(
+            _unlocked_picture, services, request, token, series, image, rendering
+        )
+    )
 
 
 def _sr_text(data: bytes) -> str:
