@@ -30,7 +30,7 @@ from tests.conftest import POSTGRES_ADMIN, bucket_of, free_port, s3_env
 from tests.dicom_factory import ct_series
 from tests.test_cstore import dataset_bytes, wait_drained
 from tests.test_serve import healthz, sqlite_row, wait_for
-from tests.test_tls import make_certificates
+from tests.test_tls import make_certificates, tls_env
 
 COUNT = 150
 DOWN_SECONDS = 12
@@ -263,14 +263,7 @@ def test_data_disk_full_on_the_tls_port(
     pki = make_certificates(tmp_path / "pki")
     tls_port = free_port()
     archive = archive_factory(
-        {
-            **s3_env(s3_server),
-            "POCKETPACS_TLS_CERT": str(pki["server.crt"]),
-            "POCKETPACS_TLS_KEY": str(pki["server.key"]),
-            "POCKETPACS_TLS_CLIENT_CA": str(pki["ca.crt"]),
-            "POCKETPACS_DICOM_TLS_PORT": str(tls_port),
-        },
-        data_dir=small_disk / "data",
+        {**s3_env(s3_server), **tls_env(pki, tls_port)}, data_dir=small_disk / "data"
     )
     archive.trust = ssl.create_default_context(cafile=pki["ca.crt"])
     archive.extra_args = []

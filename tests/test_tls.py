@@ -101,21 +101,23 @@ def _storescu(
     )
 
 
+def tls_env(certificates: dict[str, Path], tls_port: int) -> dict[str, str]:
+    """Settings for HTTPS and DICOM TLS on `tls_port`, callers needing a certificate."""
+    return {
+        "POCKETPACS_TLS_CERT": str(certificates["server.crt"]),
+        "POCKETPACS_TLS_KEY": str(certificates["server.key"]),
+        "POCKETPACS_TLS_CLIENT_CA": str(certificates["ca.crt"]),
+        "POCKETPACS_DICOM_TLS_PORT": str(tls_port),
+    }
+
+
 @pytest.fixture
 def tls_archive(archive_factory, s3_server, tmp_path: Path):
     """An archive with HTTPS, DICOM TLS requiring client certificates, and one registered
     node, MODALITY (no --open: callers are checked against the registry)."""
     certificates = make_certificates(tmp_path / "pki")
     tls_port = free_port()
-    archive = archive_factory(
-        {
-            **s3_env(s3_server),
-            "POCKETPACS_TLS_CERT": str(certificates["server.crt"]),
-            "POCKETPACS_TLS_KEY": str(certificates["server.key"]),
-            "POCKETPACS_TLS_CLIENT_CA": str(certificates["ca.crt"]),
-            "POCKETPACS_DICOM_TLS_PORT": str(tls_port),
-        }
-    )
+    archive = archive_factory({**s3_env(s3_server), **tls_env(certificates, tls_port)})
     archive.trust = ssl.create_default_context(cafile=certificates["ca.crt"])
     archive.extra_args = []
     data = ["--data-dir", str(archive.data_dir)]
