@@ -9,7 +9,9 @@ disk, mostly its page cache, answers in a tenth of that.
 A copy is named by the SHA-256 of its bytes, so it can never be stale: an instance whose
 bytes differ has another name. The bucket stays the only place an original is kept: a copy
 lost, evicted or never made costs one GET, and the directory can be deleted at any time.
-Least recently used copies go first once the copies exceed `limit_bytes`.
+Least recently used copies go first once the copies exceed `limit_bytes`, and none is
+made while the disk has less than `limit_bytes` free: the spool, on the same disk, needs
+the room more.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ class LocalCopies:
         with self._lock:
             if sha256 in self._sizes:
                 return
+        try:
+            if shutil.disk_usage(self.directory).free < self.limit_bytes:
+                return
+        except OSError:
+            return
         handle, temporary = tempfile.mkstemp(prefix=".", dir=self.directory)
         os.close(handle)
         try:

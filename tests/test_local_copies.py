@@ -4,6 +4,7 @@ found again after a restart."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 from storage.local_copies import LocalCopies
@@ -50,3 +51,13 @@ def test_no_copies_when_turned_off(tmp_path: Path) -> None:
     copies.add_bytes(digest, data)
     assert copies.read(digest) is None
     assert not (tmp_path / "copies").exists()
+
+
+def test_no_copies_while_the_disk_is_short_of_room(tmp_path: Path) -> None:
+    """The spool shares the disk: copies are made only while it keeps `limit_bytes` free."""
+    free = shutil.disk_usage(tmp_path).free
+    copies = LocalCopies(tmp_path / "copies", limit_bytes=free + 1024**3)
+    digest, data = _blob(3)
+    copies.add_bytes(digest, data)
+    assert copies.read(digest) is None
+    assert list((tmp_path / "copies").iterdir()) == []
