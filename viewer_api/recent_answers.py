@@ -2,8 +2,8 @@
 
 Why: a viewer scrolling a series back and forth asks for the same rendered images again
 and again, and answering one through FastAPI costs about 1 ms of routing, dependencies, a
-thread hop and two index round trips, three times what serving the bytes costs (bench/
-RESULTS-render.md). A route that may (the rendered images) calls `remember` with its
+thread hop and two index round trips, three times what serving the bytes costs
+(`bench/RESULTS-render.md`). A route that may (the rendered images) calls `remember` with its
 answer; for `SECONDS` after, a request from the same caller (the same `Authorization`
 header) for the same URL and `Accept` is answered here, before FastAPI: with the same
 headers, a 304 when the client holds the image, and an audit event as the route writes.
