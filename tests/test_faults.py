@@ -24,13 +24,12 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from pocketpacs.cli import main
 from storage.embedded_s3 import EmbeddedS3
-from tests.conftest import POSTGRES_ADMIN, bucket_of, free_port, s3_env
+from tests.conftest import POSTGRES_ADMIN, bucket_of, s3_env
 from tests.dicom_factory import ct_series
 from tests.test_cstore import dataset_bytes, wait_drained
 from tests.test_serve import healthz, sqlite_row, wait_for
-from tests.test_tls import make_certificates, tls_env
+from tests.test_tls import start_tls_archive
 
 COUNT = 150
 DOWN_SECONDS = 12
@@ -260,19 +259,9 @@ def test_data_disk_full_on_the_tls_port(
     """The data disk fills up under a push on the DICOM TLS port, where pynetdicom receives
     the data sets (not the lean acceptor): the same promises as `test_data_disk_full`, and
     what was stored before the disk filled is left as it was."""
-    pki = make_certificates(tmp_path / "pki")
-    tls_port = free_port()
-    archive = archive_factory(
-        {**s3_env(s3_server), **tls_env(pki, tls_port)}, data_dir=small_disk / "data"
+    archive, tls_port, pki = start_tls_archive(
+        archive_factory, s3_server, tmp_path, data_dir=small_disk / "data"
     )
-    archive.trust = ssl.create_default_context(cafile=pki["ca.crt"])
-    archive.extra_args = []
-    data = ["--data-dir", str(archive.data_dir)]
-    assert main(["institutions", "add", "north", *data]) == 0
-    assert (
-        main(["nodes", "add", "MODALITY", "127.0.0.1", "1", "--institution", "north", *data]) == 0
-    )
-    archive.start()
     paths = ct_series(tmp_path / "ct", count=23, seed="full-disk-tls")
     originals = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
     earlier, paths = paths[:3], paths[3:]

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from pocketpacs.cli import main
-from tests.conftest import dcmtk_env, free_port, s3_env
+from tests.conftest import RunningArchive, dcmtk_env, free_port, s3_env
 from tests.dicom_factory import ct_series
 from tests.test_cstore import wait_drained
 from tests.test_serve import sqlite_row
@@ -111,13 +111,17 @@ def tls_env(certificates: dict[str, Path], tls_port: int) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def tls_archive(archive_factory, s3_server, tmp_path: Path):
+def start_tls_archive(
+    archive_factory, s3_server, tmp_path: Path, data_dir: Path | None = None
+) -> tuple[RunningArchive, int, dict[str, Path]]:
     """An archive with HTTPS, DICOM TLS requiring client certificates, and one registered
-    node, MODALITY (no --open: callers are checked against the registry)."""
+    node, MODALITY (no --open: callers are checked against the registry), running; with
+    its TLS port and the certificates."""
     certificates = make_certificates(tmp_path / "pki")
     tls_port = free_port()
-    archive = archive_factory({**s3_env(s3_server), **tls_env(certificates, tls_port)})
+    archive = archive_factory(
+        {**s3_env(s3_server), **tls_env(certificates, tls_port)}, data_dir=data_dir
+    )
     archive.trust = ssl.create_default_context(cafile=certificates["ca.crt"])
     archive.extra_args = []
     data = ["--data-dir", str(archive.data_dir)]
@@ -127,6 +131,11 @@ def tls_archive(archive_factory, s3_server, tmp_path: Path):
     )
     archive.start()
     return archive, tls_port, certificates
+
+
+@pytest.fixture
+def tls_archive(archive_factory, s3_server, tmp_path: Path):
+    return start_tls_archive(archive_factory, s3_server, tmp_path)
 
 
 def test_https_only(tls_archive) -> None:
