@@ -344,10 +344,7 @@ class Shares:
         with self._lock:
             self._views[(link.id, now.date())] += 1
             self._last_views[link.id] = now
-            if self._views_timer is None:
-                self._views_timer = threading.Timer(VIEWS_WRITTEN_WITHIN, self._write_later)
-                self._views_timer.daemon = True
-                self._views_timer.start()
+            self._schedule_views()
 
     def write_views(self) -> None:
         """Write the views counted so far (before reading them, and at shutdown).
@@ -383,10 +380,15 @@ class Shares:
         except (IndexUnavailable, SQLAlchemyError) as exc:
             log.warning("share link views wait for the index: %s", exc)
             with self._lock:
-                if self._views_timer is None:
-                    self._views_timer = threading.Timer(VIEWS_WRITTEN_WITHIN, self._write_later)
-                    self._views_timer.daemon = True
-                    self._views_timer.start()
+                self._schedule_views()
+
+    def _schedule_views(self) -> None:
+        """Write the views `VIEWS_WRITTEN_WITHIN` from now, unless that is arranged (the
+        lock held)."""
+        if self._views_timer is None:
+            self._views_timer = threading.Timer(VIEWS_WRITTEN_WITHIN, self._write_later)
+            self._views_timer.daemon = True
+            self._views_timer.start()
 
     def _write_views(self, views: Counter[tuple[int, date]], last: dict[int, datetime]) -> None:
         totals: Counter[int] = Counter()

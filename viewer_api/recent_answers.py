@@ -98,13 +98,12 @@ class RecentAnswers:
         key = (authorization, scope["path"], scope["query_string"], accept)
         listed = [(b"content-type", media_type.encode())]
         listed += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
-        answer = _Answer(body, listed, etag, audit, time.monotonic() + SECONDS)
+        now = time.monotonic()
         previous = self._answers.pop(key, None)
         if previous is not None:
             self._bytes -= len(previous.body)
-        self._answers[key] = answer
+        self._answers[key] = _Answer(body, listed, etag, audit, now + SECONDS)
         self._bytes += len(body)
-        now = time.monotonic()
         while self._answers and (
             len(self._answers) > HOLDING_AT_MOST
             or self._bytes > HOLDING_BYTES
