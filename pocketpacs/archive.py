@@ -11,10 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import uvicorn
-
 from pacs.handlers import Identify
 from pacs.server import DicomServer
+from pocketpacs.http_process import HttpProcess, S3Access, listening_socket
 from pocketpacs.settings import Settings
 from storage.audit import AuditLog
 from storage.embedded_s3 import EmbeddedS3
@@ -23,11 +22,7 @@ from storage.ingest import IngestPipeline
 from storage.local_copies import LocalCopies
 from storage.objects import ObjectStore, ObjectStoreUnavailable
 from storage.registry import DEFAULT_INSTITUTION, Registry
-from storage.renditions import Renditions, ThumbnailWorker
-from storage.shares import Shares
 from storage.spool import Spool
-from viewer_api.app import create_app, served
-from viewer_api.deps import Services
 
 log = logging.getLogger("pocketpacs")
 
@@ -37,6 +32,7 @@ class Core:
     objects: ObjectStore
     index: Index
     pipeline: IngestPipeline
+    s3: S3Access  # for another process on the same bucket
 
 
 def _wait_for_bucket(objects: ObjectStore, timeout: float = 30.0) -> None:
@@ -99,14 +95,15 @@ def open_core(settings: Settings, local_copies: LocalCopies | None = None) -> It
             endpoint = settings.s3_endpoint or ""
             access_key, secret_key = settings.s3_access_key or "", settings.s3_secret_key or ""
             secure = settings.s3_secure
-        objects = ObjectStore(endpoint, access_key, secret_key, settings.s3_bucket, secure)
+        s3 = S3Access(endpoint, access_key, secret_key, settings.s3_bucket, secure)
+        objects = s3.store()
         _wait_for_bucket(objects)
         index = Index(settings.index_url)
         index.migrate()
         pipeline = IngestPipeline(
             objects, index, upload_workers=settings.ingest_workers, local_copies=local_copies
         )
-        yield Core(objects=objects, index=index, pipeline=pipeline)
+        yield Core(objects=objects, index=index, pipeline=pipeline, s3=s3)
     finally:
         if pipeline is not None:
             pipeline.close()
@@ -135,22 +132,22 @@ def dicom_tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def serve(settings: Settings) -> None:
-    """Run everything until Ctrl-C or SIGTERM, then stop cleanly, embedded S3 included."""
+    """Run everything until Ctrl-C or SIGTERM, then stop cleanly, embedded S3 included:
+    the DICOM side here, the HTTP server in a process of its own (`http_process`)."""
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    sock = listening_socket(settings)  # taken now, or the archive does not start
     copies = LocalCopies(settings.data_dir / "copies", settings.local_copies_mb * 1024 * 1024)
-    with open_core(settings, copies) as core:
+    with sock, open_core(settings, copies) as core:
         spool = Spool(
             settings.data_dir / "spool",
             core.pipeline,
             limit_bytes=settings.spool_limit_mb * 1024 * 1024,
             defer_seconds=settings.spool_defer_seconds,
         )
-        # Series thumbnails made after ingest, off the store path (replayed instances too).
-        renditions = Renditions(core.objects, local_copies=copies)
-        core.pipeline.listeners.append(renditions.stored)
-        thumbnails = ThumbnailWorker(core.index, renditions)
-        core.pipeline.listeners.append(thumbnails)
-        thumbnails.start()
+        # The HTTP side hears of every instance stored here (replayed ones too): its
+        # thumbnail worker makes their series' thumbnails.
+        http = HttpProcess(settings, core.s3, spool, sock)
+        core.pipeline.listeners.append(http.stored)
         replayed = spool.replay()
         if replayed:
             log.info("stored %d instances left in the spool by the previous run", replayed)
@@ -171,34 +168,7 @@ def serve(settings: Settings) -> None:
             ssl_context=dicom_tls_context(settings),
         )
         dicom.start()
-        audit = AuditLog(core.index)  # the HTTP side's: it queues successful accesses
-        shares = Shares(core.index)
-        app = create_app(
-            Services(
-                objects=core.objects,
-                index=core.index,
-                spool=spool,
-                registry=registry,
-                audit=audit,
-                renditions=renditions,
-                shares=shares,
-                open_access=settings.open,
-                regional_issuer=settings.regional_issuer,
-                public_url=settings.base_url,
-            )
-        )
-        http = uvicorn.Server(
-            uvicorn.Config(
-                served(app),
-                host=settings.host,
-                port=settings.http_port,
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=10,
-                ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-                ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-            )
-        )
+        http.start()
         log.info(
             "pocketpacs ready: DICOM %s@%s:%d%s, HTTP %s://%s:%d, data in %s",
             settings.ae_title,
@@ -211,12 +181,15 @@ def serve(settings: Settings) -> None:
             settings.data_dir.resolve(),
         )
         try:
-            http.run()
+            code = http.wait()
+            log.error("the HTTP process exited (%s): stopping the archive", code)
+            failed = True
+        except KeyboardInterrupt:
+            failed = False
         finally:
-            log.info("stopping: closing the DICOM listener and draining the spool")
+            log.info("stopping: the HTTP server, the DICOM listener, then draining the spool")
+            http.stop()
             dicom.stop()
             spool.close()
-            thumbnails.stop()
-            renditions.close()
-            shares.close()
-            audit.close()
+        if failed:
+            raise SystemExit(1)

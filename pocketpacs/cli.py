@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pocketpacs.archive import Core, open_core, open_index, serve
+from pocketpacs.logs import configure_logging
 from pocketpacs.settings import Settings, SettingsError, load_settings
 from storage import audit
 from storage.audit import AuditEntry, AuditLog
@@ -27,17 +28,6 @@ from storage.shares import DEFAULT_DAYS, Shares, qr_code, study_institution
 from storage.spool import SpoolBusy
 
 log = logging.getLogger("pocketpacs")
-
-
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pynetdicom logs every PDU at INFO; our handlers log one line per association.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # Alembic reports every check of the schema at INFO; migrations that run still show.
-    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -336,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: Sequence[str] | None = None) -> int:
     parsed = build_parser().parse_args(args)
-    _configure_logging(parsed.verbose)
+    configure_logging(logging.DEBUG if parsed.verbose else logging.INFO)
     try:
         return parsed.func(parsed)
     except (

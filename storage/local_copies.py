@@ -23,17 +23,22 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 class LocalCopies:
-    """Originals by SHA-256 under `directory`, at most `limit_bytes` in all (0: none kept)."""
+    """Originals by SHA-256 under `directory`, at most `limit_bytes` in all (0: none kept).
 
-    def __init__(self, directory: Path, limit_bytes: int) -> None:
+    Each process keeps a directory of its own (it alone adds, counts and evicts there) and
+    may read those of the archive's other processes (`others`)."""
+
+    def __init__(self, directory: Path, limit_bytes: int, others: Sequence[Path] = ()) -> None:
         self.directory = directory
         self.limit_bytes = limit_bytes
+        self.others = list(others)
         self._lock = threading.Lock()
         self._sizes: OrderedDict[str, int] = OrderedDict()  # digest -> size, oldest first
         self._total = 0
@@ -55,14 +60,20 @@ class LocalCopies:
     def read(self, sha256: str) -> bytes | None:
         """The original with this digest, or None when there is no copy."""
         with self._lock:
-            if sha256 not in self._sizes:
-                return None
-            self._sizes.move_to_end(sha256)
-        try:
-            return (self.directory / sha256).read_bytes()
-        except OSError:
-            self._forget(sha256)
-            return None
+            mine = sha256 in self._sizes
+            if mine:
+                self._sizes.move_to_end(sha256)
+        if mine:
+            try:
+                return (self.directory / sha256).read_bytes()
+            except OSError:
+                self._forget(sha256)
+        for directory in self.others:
+            try:
+                return (directory / sha256).read_bytes()
+            except OSError:
+                continue  # none there, or evicted by its keeper meanwhile
+        return None
 
     def add_file(self, sha256: str, source: Path) -> None:
         """Keep a copy of the file `source` (its digest `sha256`), if there is room."""

@@ -87,10 +87,13 @@ class Renditions:
     receives new ones behind the requests, when they pause (write-behind). Originals are
     read from `local_copies` when they are there.
 
-    The bucket is not asked for a rendition of an instance this process stored (and
-    so knows every rendition of) unless this process wrote one there: a GET that finds
-    nothing costs about 1 ms of a 3 ms first rendering. Another archive process on the
-    same bucket may have made one meanwhile; it is then made again, the same bytes."""
+    The bucket is not asked for a rendition of an instance this archive stored (`stored`
+    tells of it; a local copy of its original says so too, as only ingest makes one
+    before a rendering) unless this process wrote one there: this process makes every
+    rendition of a new instance, and a GET that finds nothing costs about 1 ms of a 3 ms
+    first rendering, or hangs with the store. Another archive process on the same bucket,
+    or this one before a restart, may have made one; it is then made again, the same
+    bytes."""
 
     def __init__(
         self,
@@ -124,16 +127,17 @@ class Renditions:
         data = self._recall(key)
         if data is not None:
             return Rendition(data, cached=True)
-        if self._maybe_in_bucket(item.sha256, key):
+        whole = item.size <= WHOLE_OBJECT_BYTES
+        copy = self.local_copies.read(item.sha256) if whole and self.local_copies else None
+        if self._maybe_in_bucket(item.sha256, key, copy is not None):
             try:
                 data = self.objects.get(key)
                 self._remember(key, data)
                 return Rendition(data, cached=True)
             except ObjectNotFound:
                 pass
-        whole = item.size <= WHOLE_OBJECT_BYTES
         if whole:  # one read, one parse
-            source: BinaryIO = io.BytesIO(self._original(item))
+            source: BinaryIO = io.BytesIO(copy if copy is not None else self._original(item))
         else:  # only the header's and the frame's ranges
             source = self.objects.open(item.object_key, item.size)
         with source:
@@ -143,23 +147,24 @@ class Renditions:
         return Rendition(data, cached=False)
 
     def stored(self, result: StoreResult) -> None:
-        """An instance stored through this process (pipeline listener): it has no
-        rendition in the bucket but those this process writes."""
+        """An instance stored by this archive (pipeline listener): it has no rendition in
+        the bucket but those this process writes."""
         if result.sha256:
             with self._lock:
                 _remember_bounded(self._stored_here, result.sha256)
 
-    def _maybe_in_bucket(self, sha256: str, key: str) -> bool:
+    def _maybe_in_bucket(self, sha256: str, key: str, copied: bool) -> bool:
+        """Whether the bucket may hold this rendition: not for an instance this archive
+        stored (told by `stored`, or its original copied locally at ingest) unless this
+        process put it there."""
         with self._lock:
-            return sha256 not in self._stored_here or key in self._written
+            return key in self._written or not (copied or sha256 in self._stored_here)
 
     def _original(self, item: Located) -> bytes:
-        """The stored bytes: the local copy, else from the bucket (and copied)."""
-        if self.local_copies is None:
-            return self.objects.get(item.object_key)
-        data = self.local_copies.read(item.sha256)
-        if data is None:
-            data = self.objects.get(item.object_key)
+        """The stored bytes, from the bucket (and copied, where this process keeps the
+        copies)."""
+        data = self.objects.get(item.object_key)
+        if self.local_copies is not None:
             self.local_copies.add_bytes(item.sha256, data)
         return data
 

@@ -312,6 +312,15 @@ class Spool:
     def pending(self) -> int:
         return len(self._pending_uids)
 
+    def health(self) -> dict:
+        """What /healthz reports of this spool: ok while draining works, the instances
+        waiting, the spare files ready for new ones, and why draining fails if it does."""
+        report: dict = {"ok": self._failure is None, "pending": self.pending}
+        report["free_files"] = self.files.free
+        if self._failure:
+            report["error"] = self._failure
+        return report
+
     def accept(self, item: InstanceToStore) -> StoreResult:
         """Validate, fsync into ``ready/`` and answer; the file is hard-linked there, not copied."""
         started = time.perf_counter()

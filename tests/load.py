@@ -48,10 +48,22 @@ class LoadResult:
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """The archive's memory: `pocketpacs serve` and its Python children (the HTTP process;
+    not the embedded S3 server, a program of its own)."""
+    total = 0.0
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    for member in pids:
+        try:
+            if member != pid and not Path(f"/proc/{member}/comm").read_text().startswith("python"):
+                continue
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue  # gone meanwhile
+    return total
 
 
 def _files(template: Dataset, folder: Path, count: int) -> list[Path]:

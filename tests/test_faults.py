@@ -28,7 +28,7 @@ from storage.embedded_s3 import EmbeddedS3
 from tests.conftest import POSTGRES_ADMIN, bucket_of, s3_env
 from tests.dicom_factory import ct_series
 from tests.test_cstore import dataset_bytes, wait_drained
-from tests.test_serve import healthz, sqlite_row, wait_for
+from tests.test_serve import healthz, metric_samples, sqlite_row, value, wait_for
 from tests.test_tls import start_tls_archive
 
 COUNT = 150
@@ -87,8 +87,14 @@ def test_object_store_fails_mid_push(archive_factory, tmp_path: Path, fault: str
                 120,
                 "the spool to find the object store gone",
             )
+            before = metric_samples(archive)
             _push(archive.dicom_port, later, results)
             assert [code for _, code, _ in results[-len(later) :]] == [0xA700] * len(later)
+            # Counted where Prometheus looks: /metrics, though the HTTP server runs in a
+            # process of its own and the refusals happen in the DICOM side's.
+            failures = "pocketpacs_store_failures_total"
+            counted = value(metric_samples(archive), failures, status="0xA700")
+            assert counted - value(before, failures, status="0xA700") == len(later)
             store.start()  # as an operator or a supervisor would, on the same ports
         assert not pusher.is_alive(), "the push never finished"
         assert len(results) == COUNT + (len(later) if fault == "killed" else 0)

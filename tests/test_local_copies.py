@@ -61,3 +61,20 @@ def test_no_copies_while_the_disk_is_short_of_room(tmp_path: Path) -> None:
     copies.add_bytes(digest, data)
     assert copies.read(digest) is None
     assert list((tmp_path / "copies").iterdir()) == []
+
+
+def test_another_process_reads_the_copies_it_does_not_keep(tmp_path: Path) -> None:
+    """The HTTP process reads the copies the archive process keeps from C-STORE, and keeps
+    its own elsewhere: what either adds, the HTTP side finds; the keeper alone evicts."""
+    dicom = LocalCopies(tmp_path / "copies", limit_bytes=2500)
+    http = LocalCopies(tmp_path / "copies-http", limit_bytes=2500, others=[tmp_path / "copies"])
+    stored, posted, evicted = _blob(1), _blob(2), _blob(3)
+    dicom.add_bytes(*stored)  # added after the reader started: found all the same
+    http.add_bytes(*posted)
+    assert http.read(stored[0]) == stored[1]
+    assert http.read(posted[0]) == posted[1]
+    assert dicom.read(posted[0]) is None  # the archive process does not read the HTTP side's
+    dicom.add_bytes(*evicted)
+    dicom.add_bytes(*_blob(4))  # over the bound: the least recently used copy goes
+    assert http.read(stored[0]) is None
+    assert sorted(p.name for p in (tmp_path / "copies-http").iterdir()) == [posted[0]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -25,6 +25,16 @@ from storage.spool import Spool
 log = logging.getLogger("pocketpacs.http")
 
 
+class DicomSide(Protocol):
+    """The archive process that receives DICOM, seen from an HTTP server running in a
+    process of its own (`pocketpacs.http_process`): its spool and counters are part of
+    what /healthz and /metrics report."""
+
+    def spool_health(self) -> dict: ...
+
+    def metrics(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Services:
     """The core objects the HTTP face works with, built once by the command line."""
@@ -39,6 +49,7 @@ class Services:
     open_access: bool = False
     regional_issuer: str = ""
     public_url: str = ""  # where share links point; empty: the address a request came to
+    dicom_side: DicomSide | None = None  # when the DICOM side runs in another process
 
     def __post_init__(self) -> None:
         if self.renditions is None:  # one per archive: it holds a cache and writer threads

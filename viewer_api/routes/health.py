@@ -25,16 +25,31 @@ def _probe(services: Services) -> dict:
         report["index"] = {"ok": True}
     except IndexUnavailable as exc:
         report["index"] = {"ok": False, "error": str(exc)}
-    if services.spool is not None:
-        failure = services.spool.failure
-        report["ingest_spool"] = {
-            "ok": failure is None,
-            "pending": services.spool.pending,
-            "free_files": services.spool.files.free,
-        }
-        if failure:
-            report["ingest_spool"]["error"] = failure
+    spools = [services.spool.health()] if services.spool is not None else []
+    if services.dicom_side is not None:
+        try:
+            spools.append(services.dicom_side.spool_health())
+        except OSError as exc:
+            spools.append({"ok": False, "pending": 0, "error": f"DICOM side: {exc}"})
+    if spools:
+        report["ingest_spool"] = _together(spools)
     return report
+
+
+def _together(spools: list[dict]) -> dict:
+    """The spools of the DICOM side and of STOW-RS as one: ok when both are, the pending
+    instances of both, the fewer spare files."""
+    together: dict = {
+        "ok": all(s["ok"] for s in spools),
+        "pending": sum(s["pending"] for s in spools),
+    }
+    free = [s["free_files"] for s in spools if "free_files" in s]
+    if free:
+        together["free_files"] = min(free)
+    errors = [s["error"] for s in spools if s.get("error")]
+    if errors:
+        together["error"] = "; ".join(errors)
+    return together
 
 
 @router.get("/healthz", summary="Object store, index and ingest spool status")
