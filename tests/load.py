@@ -53,7 +53,10 @@ def _rss_mb(pid: int) -> float:
     total = 0.0
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
-        pids += [int(p) for p in (task / "children").read_text().split()]
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue  # a thread that ended meanwhile
     for member in pids:
         try:
             if member != pid and not Path(f"/proc/{member}/comm").read_text().startswith("python"):
