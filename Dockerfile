@@ -1,4 +1,4 @@
-# pocketpacs: DICOM listener (11112) and HTTP server (8000) in one process.
+# pocketpacs: DICOM listener (11112) and, in a second process it starts, HTTP server (8000).
 # docker-compose.yml runs it with MinIO and PostgreSQL; see docs/deployment.md.
 FROM python:3.11-slim
 

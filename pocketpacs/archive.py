@@ -169,6 +169,7 @@ def serve(settings: Settings) -> None:
         )
         dicom.start()
         http.start()
+        sock.close()  # the HTTP process's now: once it is gone, callers are refused at once
         log.info(
             "pocketpacs ready: DICOM %s@%s:%d%s, HTTP %s://%s:%d, data in %s",
             settings.ae_title,

@@ -26,6 +26,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 from collections import deque
@@ -57,9 +58,9 @@ EVENTS_WAITING_AT_MOST = 20_000
 EVENTS_PER_MESSAGE = 500
 # How long /healthz and /metrics wait for the archive process to answer.
 ANSWER_SECONDS = 5.0
-# After its archive process is gone, the HTTP process finishes the requests it has for
-# this long, then exits whatever remains.
-ORPHAN_GRACE_SECONDS = 5.0
+# After its archive process is gone, the HTTP process finishes the requests it has (uvicorn
+# gives them 10 s) and writes what it holds, for this long at most, then exits regardless.
+ORPHAN_GRACE_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,15 @@ class HttpProcess:
                 number, question = self._control.recv()
             except (EOFError, OSError):
                 return
+            answer: object = None
             try:
                 if question == "spool":
-                    answer: object = self.spool.health()
+                    answer = self.spool.health()
                 elif question == "metrics":
                     answer = generate_latest().decode()
-                else:
-                    answer = None
+            except Exception:
+                log.exception("no answer to the HTTP process's question %r", question)
+            try:
                 self._control.send((number, answer))
             except (OSError, ValueError):
                 return
@@ -197,17 +200,22 @@ class _DicomSide:
 
     def _ask(self, question: str):
         """OSError when the archive process does not answer in time or is gone."""
-        with self._lock:
-            number = next(self._numbers)
-            try:
-                self._control.send((number, question))
-                while self._control.poll(ANSWER_SECONDS):
-                    answered, answer = self._control.recv()
-                    if answered == number:  # an older, late answer is dropped
-                        return answer
-            except (EOFError, ValueError) as exc:
-                raise OSError(f"the archive process is gone: {exc}") from exc
+        if not self._lock.acquire(timeout=ANSWER_SECONDS):  # another question is stuck
             raise OSError(f"the archive process did not answer in {ANSWER_SECONDS:.0f} s")
+        try:
+            number = next(self._numbers)
+            self._control.send((number, question))
+            while self._control.poll(ANSWER_SECONDS):
+                answered, answer = self._control.recv()
+                if answered == number:  # an older, late answer is dropped
+                    if answer is None:
+                        raise OSError(f"the archive process could not answer {question!r}")
+                    return answer
+        except (EOFError, ValueError) as exc:
+            raise OSError(f"the archive process is gone: {exc}") from exc
+        finally:
+            self._lock.release()
+        raise OSError(f"the archive process did not answer in {ANSWER_SECONDS:.0f} s")
 
 
 def run(
@@ -219,6 +227,10 @@ def run(
     log_level: int,
 ) -> None:
     """The HTTP process: serve `sock` until SIGTERM or until the archive process is gone."""
+    # uvicorn, once it has finished on SIGTERM, raises the signal again for the handler it
+    # found: this one, so that the clean-up below runs (the default handler would end the
+    # process on the spot, the last audit events and share views unwritten).
+    signal.signal(signal.SIGTERM, _interrupt)
     configure_logging(log_level)
     objects = s3.store()
     index = Index(settings.index_url)
@@ -277,14 +289,21 @@ def run(
             target=_receive_events, args=(events, listeners, server), name="events", daemon=True
         ).start()
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # SIGTERM or Ctrl-C: stop as asked
     finally:
+        # What a crash would lose first (the last accesses, the last views), then the rest.
+        audit.close()
+        shares.close()
         spool.close()
         thumbnails.stop()
         renditions.close()
-        shares.close()
-        audit.close()
         pipeline.close()
         index.dispose()
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _receive_events(events: Connection, listeners: list, server: uvicorn.Server) -> None:

@@ -87,13 +87,12 @@ class Renditions:
     receives new ones behind the requests, when they pause (write-behind). Originals are
     read from `local_copies` when they are there.
 
-    The bucket is not asked for a rendition of an instance this archive stored (`stored`
-    tells of it; a local copy of its original says so too, as only ingest makes one
-    before a rendering) unless this process wrote one there: this process makes every
-    rendition of a new instance, and a GET that finds nothing costs about 1 ms of a 3 ms
-    first rendering, or hangs with the store. Another archive process on the same bucket,
-    or this one before a restart, may have made one; it is then made again, the same
-    bytes."""
+    The bucket is not asked for a rendition this process did not write there when the
+    instance was stored by this archive (`stored` tells of it) or its original is on local
+    disk: rendering from the local copy is about as quick as a GET, and a GET that finds
+    nothing costs about 1 ms of a 3 ms first rendering, or hangs with the store. A
+    rendition made by another archive process on the same bucket, or by this one before a
+    restart, is then made again: the same bytes, a rendering's time."""
 
     def __init__(
         self,
@@ -128,8 +127,13 @@ class Renditions:
         if data is not None:
             return Rendition(data, cached=True)
         whole = item.size <= WHOLE_OBJECT_BYTES
-        copy = self.local_copies.read(item.sha256) if whole and self.local_copies else None
-        if self._maybe_in_bucket(item.sha256, key, copy is not None):
+        with self._lock:
+            written = key in self._written
+            stored_here = item.sha256 in self._stored_here
+        copy = None
+        if whole and not written and self.local_copies is not None:
+            copy = self.local_copies.read(item.sha256)
+        if written or (copy is None and not stored_here):  # the bucket may hold it
             try:
                 data = self.objects.get(key)
                 self._remember(key, data)
@@ -137,6 +141,8 @@ class Renditions:
             except ObjectNotFound:
                 pass
         if whole:  # one read, one parse
+            if written and self.local_copies is not None:  # not read above
+                copy = self.local_copies.read(item.sha256)
             source: BinaryIO = io.BytesIO(copy if copy is not None else self._original(item))
         else:  # only the header's and the frame's ranges
             source = self.objects.open(item.object_key, item.size)
@@ -152,13 +158,6 @@ class Renditions:
         if result.sha256:
             with self._lock:
                 _remember_bounded(self._stored_here, result.sha256)
-
-    def _maybe_in_bucket(self, sha256: str, key: str, copied: bool) -> bool:
-        """Whether the bucket may hold this rendition: not for an instance this archive
-        stored (told by `stored`, or its original copied locally at ingest) unless this
-        process put it there."""
-        with self._lock:
-            return key in self._written or not (copied or sha256 in self._stored_here)
 
     def _original(self, item: Located) -> bytes:
         """The stored bytes, from the bucket (and copied, where this process keeps the

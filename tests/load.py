@@ -48,8 +48,8 @@ class LoadResult:
 
 
 def _rss_mb(pid: int) -> float:
-    """The archive's memory: `pocketpacs serve` and its Python children (the HTTP process;
-    not the embedded S3 server, a program of its own)."""
+    """The archive's memory: `pocketpacs serve` and the HTTP process it spawned (not the
+    embedded S3 server, a program of its own, nor multiprocessing's resource tracker)."""
     total = 0.0
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -59,7 +59,7 @@ def _rss_mb(pid: int) -> float:
             continue  # a thread that ended meanwhile
     for member in pids:
         try:
-            if member != pid and not Path(f"/proc/{member}/comm").read_text().startswith("python"):
+            if member != pid and b"spawn_main" not in Path(f"/proc/{member}/cmdline").read_bytes():
                 continue
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

@@ -82,11 +82,12 @@ def test_object_store_fails_mid_push(archive_factory, tmp_path: Path, fault: str
             os.kill(store.process.pid, signal.SIGKILL)
             store.process.wait()
             pusher.join(timeout=600)
-            wait_for(
-                lambda: healthz(archive).json()["ingest_spool"]["ok"] is False,
+            spool = wait_for(
+                lambda: (body := healthz(archive).json()["ingest_spool"])["ok"] is False and body,
                 120,
                 "the spool to find the object store gone",
             )
+            assert "object store unavailable" in spool["error"]
             before = metric_samples(archive)
             _push(archive.dicom_port, later, results)
             assert [code for _, code, _ in results[-len(later) :]] == [0xA700] * len(later)

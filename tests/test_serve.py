@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sqlite3
 import stat
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 from minio import Minio
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
@@ -108,6 +110,15 @@ def listening_sockets(pid: int) -> list[tuple[str, int]]:
     return sorted(found)
 
 
+def http_process_pid(serve_pid: int) -> int:
+    """The HTTP server's process, a child `serve` spawned."""
+    for task in Path(f"/proc/{serve_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError(f"no HTTP process under {serve_pid}")
+
+
 def weed_pid(data_dir: Path) -> int:
     return int((data_dir / "s3" / "weed.pid").read_text().strip())
 
@@ -191,8 +202,9 @@ def test_serve_with_embedded_s3(archive_factory, tmp_path: Path) -> None:
     assert weed_sockets, "weed listens on nothing"
     assert {address for address, _port in weed_sockets} == {"127.0.0.1"}, weed_sockets
     serve_sockets = listening_sockets(archive.process.pid)
+    http_sockets = listening_sockets(http_process_pid(archive.process.pid))
     assert ("127.0.0.1", archive.dicom_port) in serve_sockets
-    assert ("127.0.0.1", archive.http_port) in serve_sockets
+    assert http_sockets == [("127.0.0.1", archive.http_port)]  # the HTTP process's alone
     assert {address for address, _port in serve_sockets} == {"127.0.0.1"}, serve_sockets
 
     credentials_path = data / "s3-credentials.json"
@@ -318,6 +330,52 @@ def _port_free(port: int) -> bool:
 
 
 # metrics -------------------------------------------------------------------------------
+
+
+# the HTTP process -----------------------------------------------------------------------
+
+
+def test_sigterm_lets_the_http_process_write_what_it_holds(
+    archive: RunningArchive, tmp_path: Path
+) -> None:
+    """Share link views are written in batches (within 1 s) by the HTTP process; SIGTERM
+    to `serve` stops that process cleanly, and the last view is counted."""
+    dataset = dcmread(ct_series(tmp_path / "ct", count=1, seed="views")[0])
+    assert c_store(archive, dataset).Status == 0x0000
+    wait_for(lambda: sqlite_row(archive.data_dir, dataset.SOPInstanceUID), 30, "the row")
+    made = httpx.post(
+        f"{archive.http}/api/shares", json={"study_uid": dataset.StudyInstanceUID}, timeout=10
+    )
+    assert made.status_code == 201, made.text
+    http_pid = http_process_pid(archive.process.pid)
+    # The study summary a phone's page asks for: one view.
+    assert httpx.get(made.json()["url"] + "/study", timeout=10).status_code == 200
+    assert archive.stop() == 0, archive.log()  # at once: the view is still in memory
+    assert process_gone(http_pid)
+    with sqlite3.connect(archive.data_dir / "index.sqlite3") as db:
+        assert db.execute("SELECT views FROM shares").fetchall() == [(1,)], archive.log()
+
+
+def test_the_archive_stops_when_its_http_process_dies(archive: RunningArchive) -> None:
+    """An HTTP process killed leaves no archive answering DICOM alone, unnoticed: `serve`
+    stops (exit 1, for its supervisor to start it again), its S3 server and DICOM port
+    with it."""
+    os.kill(http_process_pid(archive.process.pid), signal.SIGKILL)
+    assert archive.process.wait(60) == 1, archive.log()
+    archive.process = None
+    assert "the HTTP process exited" in archive.log()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", archive.dicom_port), timeout=2).close()
+
+
+def test_the_http_process_stops_when_serve_is_killed(archive: RunningArchive) -> None:
+    """kill -9 of `serve`: its HTTP process notices (its pipe closes), stops, and frees the
+    port, so the archive starts again on the same ports."""
+    http_pid = http_process_pid(archive.process.pid)
+    archive.kill()
+    wait_for(lambda: process_gone(http_pid), 30, "the HTTP process to go")
+    archive.start()
+    assert healthz(archive).status_code == 200
 
 
 def test_metrics_count_receptions_and_failures(archive: RunningArchive, tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """`GET /metrics`: Prometheus exposition of the counters in `storage.metrics` and others,
-this process's and, when the DICOM side runs in another process, that one's added in."""
+this process's and, when the DICOM side runs in another process, that one's pocketpacs
+metrics added in (the `process_` and `python_` ones describe this process alone)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Response
@@ -17,19 +19,28 @@ from viewer_api.deps import Services, ServicesDep
 router = APIRouter(tags=["operations"])
 
 
-class _Sum(Collector):
-    """The metric families of several expositions, each sample the sum of its values
-    (counters, histograms and the spool gauge all add up across processes); the
-    `_created` timestamps are left out, as they do not."""
+log = logging.getLogger("pocketpacs.http")
 
-    def __init__(self, *expositions: str) -> None:
-        self.expositions = expositions
+OURS = "pocketpacs_"
+
+
+class _Sum(Collector):
+    """The metric families of this process's exposition and the pocketpacs families of
+    another's, each sample the sum of its values (counters, histograms and the spool
+    gauge all add up across processes); the `_created` timestamps are left out, as they
+    do not."""
+
+    def __init__(self, local: str, other: str) -> None:
+        self.local = local
+        self.other = other
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         values: dict[str, dict[tuple, float]] = {}
-        for text in self.expositions:
+        for text, only_ours in ((self.local, False), (self.other, True)):
             for family in text_string_to_metric_families(text):
+                if only_ours and not family.name.startswith(OURS):
+                    continue
                 known = families.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)
                 )
@@ -50,8 +61,13 @@ def _exposition(services: Services) -> bytes:
     local = generate_latest()
     if services.dicom_side is None:
         return local
+    try:
+        other = services.dicom_side.metrics()
+    except OSError as exc:  # this process's metrics still tell something
+        log.warning("/metrics without the DICOM side's: %s", exc)
+        return local
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Sum(local.decode(), services.dicom_side.metrics()))
+    registry.register(_Sum(local.decode(), other))
     return generate_latest(registry)
 
 
