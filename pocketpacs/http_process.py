@@ -97,7 +97,6 @@ class HttpProcess:
     def __init__(self, settings: Settings, s3: S3Access, spool: Spool, sock: socket.socket):
         self.spool = spool
         context = multiprocessing.get_context("spawn")  # threads run here: no fork
-        self._events_out: Connection
         events_in, self._events_out = context.Pipe(duplex=False)
         self._control, control_there = context.Pipe()
         self.process = context.Process(
@@ -284,9 +283,11 @@ def run(
                 ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
             )
         )
-        listeners = [renditions.stored, thumbnails]
         threading.Thread(
-            target=_receive_events, args=(events, listeners, server), name="events", daemon=True
+            target=_receive_events,
+            args=(events, pipeline.listeners, server),
+            name="events",
+            daemon=True,
         ).start()
         server.run(sockets=[sock])
     except KeyboardInterrupt:
@@ -307,8 +308,8 @@ def _interrupt(signum: int, _frame) -> None:
 
 
 def _receive_events(events: Connection, listeners: list, server: uvicorn.Server) -> None:
-    """Hand the archive process's stored instances to this process's listeners; when its
-    pipe closes (it stopped or was killed), stop serving."""
+    """Hand the archive process's stored instances to this process's pipeline listeners,
+    as if stored here; when its pipe closes (it stopped or was killed), stop serving."""
     while True:
         try:
             batch = events.recv()

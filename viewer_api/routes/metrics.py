@@ -35,23 +35,22 @@ class _Sum(Collector):
         self.other = other
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        values: dict[str, dict[tuple, float]] = {}
+        # family name -> (its description, (sample name, labels) -> the sum)
+        summed: dict[str, tuple[Metric, dict[tuple, float]]] = {}
         for text, only_ours in ((self.local, False), (self.other, True)):
             for family in text_string_to_metric_families(text):
                 if only_ours and not family.name.startswith(OURS):
                     continue
-                known = families.setdefault(
-                    family.name, Metric(family.name, family.documentation, family.type)
+                _, values = summed.setdefault(
+                    family.name, (Metric(family.name, family.documentation, family.type), {})
                 )
-                summed = values.setdefault(known.name, {})
                 for sample in family.samples:
                     if sample.name.endswith("_created"):
                         continue
                     key = (sample.name, tuple(sorted(sample.labels.items())))
-                    summed[key] = summed.get(key, 0.0) + sample.value
-        for name, family in families.items():
-            for (sample_name, labels), value in values[name].items():
+                    values[key] = values.get(key, 0.0) + sample.value
+        for family, values in summed.values():
+            for (sample_name, labels), value in values.items():
                 family.add_sample(sample_name, dict(labels), value)
             if family.samples:
                 yield family
