@@ -21,7 +21,12 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 # PS3.5 6.2: VRs whose explicit-VR header has a 4-byte length after 2 reserved bytes.
 _LONG_VRS = {
@@ -62,9 +67,110 @@ class InvalidInstance(ValueError):
         self.kind = kind
 
 
+# The attributes the renderer reads to display a frame (storage.rendering), by keyword.
+DISPLAY_KEYWORDS = (
+    "PhotometricInterpretation",
+    "BitsStored",
+    "PixelRepresentation",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
+)
+# Any of these present, a frame goes through pydicom's decoding and LUT functions instead.
+_NOT_PLAIN = (
+    "ModalityLUTSequence",
+    "VOILUTSequence",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+)
+
+
+@dataclass(frozen=True)
+class PixelLayout:
+    """Where an instance's frames lie in its stored bytes, and the attributes that display
+    them, read at ingest while the header is parsed anyway: the renderer then reads a
+    frame straight from the bytes, with no parsing (which was half of rendering a CT
+    slice, `bench/RESULTS-render.md`).
+
+    Only for the plain and common case: native little-endian pixel data, grey samples of
+    8 or 16 bits or interleaved 8-bit RGB, without LUT sequences or functional groups."""
+
+    offset: int  # of the first frame's first byte, in the stored object
+    rows: int
+    columns: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    number_of_frames: int
+    display: tuple[tuple[int, str, object], ...]  # (tag, VR, value) of DISPLAY_KEYWORDS
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.rows * self.columns * self.samples_per_pixel * self.bits_allocated // 8
+
+    def attributes(self) -> Dataset:
+        """The display attributes as a data set, as the renderer reads them."""
+        ds = Dataset()
+        for tag, vr, value in self.display:
+            ds.add_new(tag, vr, value)
+        return ds
+
+
+def pixel_layout(ds: Dataset, span: tuple[int, int] | None) -> PixelLayout | None:
+    """The layout of `ds`'s frames, whose native pixel data value lies at `span` (start,
+    length) of the file; None when the instance is not the plain case `PixelLayout`
+    covers, or its attributes do not add up."""
+    if span is None or ds.file_meta.get("TransferSyntaxUID") not in (
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    ):
+        return None
+    if any(keyword in ds for keyword in _NOT_PLAIN):
+        return None
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        allocated = int(ds.BitsAllocated)
+        stored = int(ds.get("BitsStored", allocated) or allocated)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        photometric = str(ds.PhotometricInterpretation).strip()
+        planar = int(ds.get("PlanarConfiguration", 0) or 0)
+        display = tuple(
+            (element.tag, element.VR, element.value)
+            for element in (ds[keyword] for keyword in DISPLAY_KEYWORDS if keyword in ds)
+        )
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    grey = samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2") and allocated in (8, 16)
+    colour = samples == 3 and photometric == "RGB" and allocated == 8 and planar == 0
+    if not (grey or colour) or not (1 <= stored <= allocated and rows > 0 and columns > 0):
+        return None
+    layout = PixelLayout(
+        offset=span[0],
+        rows=rows,
+        columns=columns,
+        samples_per_pixel=samples,
+        bits_allocated=allocated,
+        bits_stored=stored,
+        signed=signed,
+        number_of_frames=max(1, _int(ds, "NumberOfFrames") or 1),
+        display=display,
+    )
+    return layout if layout.number_of_frames * layout.frame_bytes <= span[1] else None
+
+
 @dataclass(frozen=True)
 class InstanceHeader:
-    """The attributes the index records for one instance, with validated UIDs."""
+    """The attributes the index records for one instance, with validated UIDs, and where
+    its pixels lie."""
 
     sop_class_uid: str
     sop_instance_uid: str
@@ -94,6 +200,7 @@ class InstanceHeader:
     rows: int | None
     columns: int | None
     specific_character_set: str
+    pixels: PixelLayout | None = None  # for the renderer; not indexed
 
 
 def valid_uid(value: object) -> bool:
@@ -202,8 +309,9 @@ def _check_ends_cleanly(ds: Dataset, handle: BinaryIO, size: int) -> None:
 
 def _check_pixel_data_complete(
     handle: BinaryIO, size: int, big_endian: bool, implicit: bool
-) -> None:
-    """Raise unless the element at the handle's position (pixel data) ends inside the file."""
+) -> tuple[int, int] | None:
+    """Raise unless the element at the handle's position (pixel data) ends inside the file.
+    Native pixel data (a defined length): where its value starts, and its length."""
     start = handle.tell()
     endian = ">" if big_endian else "<"
     head = handle.read(8)
@@ -225,14 +333,14 @@ def _check_pixel_data_complete(
         (length,) = struct.unpack(endian + "H", head[6:])
         value_start = start + 8
     if (group, element) not in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)):
-        return
+        return None
     if length != _UNDEFINED_LENGTH:
         if value_start + length > size:
             raise InvalidInstance(
                 f"truncated: pixel data needs {length} bytes, file has {size - value_start}",
                 Rejection.CANNOT_UNDERSTAND,
             )
-        return
+        return (value_start, length) if (group, element) == (0x7FE0, 0x0010) else None
     # Encapsulated (PS3.5 A.4): items up to a sequence delimiter, walked by their headers only.
     position = value_start
     while True:
@@ -246,7 +354,7 @@ def _check_pixel_data_complete(
         tag_group, tag_element, item_length = struct.unpack("<HHL", item)
         tag = (tag_group << 16) | tag_element
         if tag == _SEQUENCE_DELIMITER:
-            return
+            return None
         if tag != _ITEM or item_length == _UNDEFINED_LENGTH:
             raise InvalidInstance(
                 f"malformed encapsulated pixel data at byte {position}", Rejection.CANNOT_UNDERSTAND
@@ -259,8 +367,13 @@ def _check_pixel_data_complete(
             )
 
 
-def _parse(path: Path) -> Dataset:
-    """The data set up to its pixel data, checked to be complete to the end of the file.
+# Where native pixel data's value lies in the file: its first byte, and its length.
+_Span = tuple[int, int] | None
+
+
+def _parse(path: Path) -> tuple[Dataset, _Span]:
+    """The data set up to its pixel data, checked to be complete to the end of the file,
+    and where native pixel data lies.
 
     Why the prefix: parsed from the file, pydicom makes some sixty seek and read calls
     for a CT header, each of which releases the GIL, and with several associations in one
@@ -282,8 +395,7 @@ def _parse(path: Path) -> Dataset:
                 prefix, position, ds
             ):
                 handle.seek(position)
-                _check_pixel_data(handle, size, ds)
-                return ds
+                return ds, _check_pixel_data(handle, size, ds)
         handle.seek(0)
         return _parse_complete(handle, size)
 
@@ -297,14 +409,14 @@ def _at_pixel_data(data: bytes, position: int, ds: Dataset) -> bool:
     return group == 0x7FE0 and element in (0x0008, 0x0009, 0x0010)
 
 
-def _check_pixel_data(handle: BinaryIO, size: int, ds: Dataset) -> None:
+def _check_pixel_data(handle: BinaryIO, size: int, ds: Dataset) -> _Span:
     implicit, little_endian = ds.original_encoding
-    _check_pixel_data_complete(
+    return _check_pixel_data_complete(
         handle, size, big_endian=little_endian is False, implicit=bool(implicit)
     )
 
 
-def _parse_complete(handle: BinaryIO, size: int) -> Dataset:
+def _parse_complete(handle: BinaryIO, size: int) -> tuple[Dataset, _Span]:
     """Parse from `handle` and prove the data set is whole (see `_parse`)."""
     ds = dcmread(handle, stop_before_pixels=True)
     transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
@@ -312,11 +424,11 @@ def _parse_complete(handle: BinaryIO, size: int) -> Dataset:
         # The whole data set is one deflate stream: parse it all to prove it is whole.
         handle.seek(0)
         dcmread(handle)
-    elif handle.tell() >= size:
+        return ds, None  # its pixel data lies in the stream, not at an offset of the file
+    if handle.tell() >= size:
         _check_ends_cleanly(ds, handle, size)  # no pixel data: a header-only object
-    else:
-        _check_pixel_data(handle, size, ds)
-    return ds
+        return ds, None
+    return ds, _check_pixel_data(handle, size, ds)
 
 
 def read_header(
@@ -330,7 +442,7 @@ def read_header(
     Raises `InvalidInstance` with the reason a modality's operator would need.
     """
     try:
-        ds = _parse(path)
+        ds, pixel_data = _parse(path)
     except InvalidInstance:
         raise
     except InvalidDicomError as exc:
@@ -403,6 +515,7 @@ def read_header(
             rows=_int(ds, "Rows"),
             columns=_int(ds, "Columns"),
             specific_character_set=_text(ds, "SpecificCharacterSet"),
+            pixels=pixel_layout(ds, pixel_data),
         )
     except Exception as exc:  # an attribute whose value cannot be decoded
         raise InvalidInstance(

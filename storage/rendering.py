@@ -35,6 +35,7 @@ from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from storage.frames import FrameNotFound, number_of_frames
+from storage.header import DISPLAY_KEYWORDS, PixelLayout
 
 # Encodings a rendered resource can be asked for (PS3.18 8.7.4), by media type.
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
@@ -118,11 +119,7 @@ def render(
         raise Undecodable(f"the instance cannot be read: {exc}") from exc
     if "Rows" not in header or "PhotometricInterpretation" not in header:
         raise FrameNotFound("the instance holds no image")
-    count = number_of_frames(header)
-    if number is None:
-        number = (count + 1) // 2
-    if not 1 <= number <= count:
-        raise FrameNotFound(f"frame {number} is outside 1..{count}")
+    number = _frame_in_range(number, number_of_frames(header))
     syntax = header.file_meta.get("TransferSyntaxUID", "unknown")
     try:
         if in_memory or deflated:  # deflated: one stream, inflated whole by pydicom
@@ -136,8 +133,45 @@ def render(
             pixels = pixel_array(source, index=number - 1, raw=False)
     except Exception as exc:  # every codec failure is the same answer: cannot decode
         raise Undecodable(f"frame {number} ({syntax}) cannot be decoded: {exc}") from exc
+    return _shown(header, pixels, number, rendering)
+
+
+def render_laid_out(
+    data: bytes, layout: PixelLayout, number: int | None, rendering: Rendering
+) -> bytes:
+    """What `render` gives for frame `number` of the stored object `data`, whose frames
+    `layout` (read at ingest) locates: no parsing, the frame's samples read in place."""
+    number = _frame_in_range(number, layout.number_of_frames)
+    kind = "i" if layout.signed else "u"
+    samples = np.frombuffer(
+        data,
+        np.dtype(f"<{kind}{layout.bits_allocated // 8}"),
+        layout.rows * layout.columns * layout.samples_per_pixel,
+        layout.offset + (number - 1) * layout.frame_bytes,
+    )
+    shape = (layout.rows, layout.columns)
+    pixels = samples.reshape(shape if layout.samples_per_pixel == 1 else (*shape, 3))
+    unused = layout.bits_allocated - layout.bits_stored
+    if unused and layout.signed:  # the sign is bit BitsStored - 1 (PS3.5 8.1.1)
+        pixels = (pixels << unused) >> unused
+    elif unused:  # bits above BitsStored are not the value (overlays, once)
+        pixels = pixels & ((1 << layout.bits_stored) - 1)
+    return _shown(layout.attributes(), pixels, number, rendering)
+
+
+def _frame_in_range(number: int | None, count: int) -> int:
+    """The frame asked for, None meaning the middle one; FrameNotFound outside 1..count."""
+    if number is None:
+        number = (count + 1) // 2
+    if not 1 <= number <= count:
+        raise FrameNotFound(f"frame {number} is outside 1..{count}")
+    return number
+
+
+def _shown(ds: Dataset, pixels: np.ndarray, number: int, rendering: Rendering) -> bytes:
+    """A decoded frame through the display pipeline, encoded."""
     try:
-        image = displayed(header, pixels, number - 1, rendering.window)
+        image = displayed(ds, pixels, number - 1, rendering.window)
     except Exception as exc:  # attributes the pipeline needs are missing or malformed
         raise Undecodable(f"frame {number} cannot be rendered: {exc}") from exc
     return encode(image, rendering)
@@ -223,24 +257,7 @@ def _grey(
 
 
 # What `frame_attributes` takes from the top level, by tag (a keyword costs a lookup).
-_FRAME_TAGS = [
-    Tag(keyword)
-    for keyword in (
-        "PhotometricInterpretation",
-        "BitsStored",
-        "PixelRepresentation",
-        "PixelPaddingValue",
-        "PixelPaddingRangeLimit",
-        "RescaleSlope",
-        "RescaleIntercept",
-        "RescaleType",
-        "ModalityLUTSequence",
-        "WindowCenter",
-        "WindowWidth",
-        "VOILUTFunction",
-        "VOILUTSequence",
-    )
-]
+_FRAME_TAGS = [Tag(keyword) for keyword in DISPLAY_KEYWORDS]
 
 
 def frame_attributes(ds: Dataset, index: int) -> Dataset:

@@ -16,16 +16,16 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from storage import layout, metrics
 from storage.frames import FrameNotFound
+from storage.header import PixelLayout
 from storage.index import Index
 from storage.ingest import StoreResult
 from storage.local_copies import LocalCopies
 from storage.objects import ObjectNotFound, ObjectStore, ObjectStoreUnavailable
 from storage.query import Located, Query, QueryLevel, Viewer, locate
-from storage.rendering import Rendering, render
+from storage.rendering import Rendering, render, render_laid_out
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ QUIET_SECONDS = 0.25
 # Instances stored through this process whose renditions it keeps track of (see
 # `Renditions.stored`), most recent first.
 TRACKING_AT_MOST = 100_000
+# Pixel layouts of instances stored recently (see `Renditions.stored`), most recent first:
+# about 1 KB each. The instances a viewer opens first are those just stored.
+LAYOUTS_AT_MOST = 20_000
 
 
 def rendition_key(item: Located, frame: int | None, rendering: Rendering) -> str:
@@ -106,6 +109,7 @@ class Renditions:
         self.local_copies = local_copies
         self._stored_here: OrderedDict[str, None] = OrderedDict()  # SHA-256s, see above
         self._written: OrderedDict[str, None] = OrderedDict()  # keys put in the bucket
+        self._layouts: OrderedDict[str, PixelLayout] = OrderedDict()  # by SHA-256
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_bytes = memory_bytes
         self._held = 0
@@ -130,6 +134,7 @@ class Renditions:
         with self._lock:
             written = key in self._written
             stored_here = item.sha256 in self._stored_here
+            layout = self._layouts.get(item.sha256)
         copy = None
         if whole and not written and self.local_copies is not None:
             copy = self.local_copies.read(item.sha256)
@@ -140,24 +145,31 @@ class Renditions:
                 return Rendition(data, cached=True)
             except ObjectNotFound:
                 pass
-        if whole:  # one read, one parse
+        if whole:  # one read, one parse (none with the layout)
             if written and self.local_copies is not None:  # not read above
                 copy = self.local_copies.read(item.sha256)
-            source: BinaryIO = io.BytesIO(copy if copy is not None else self._original(item))
+            original = copy if copy is not None else self._original(item)
+            if layout is not None:
+                data = render_laid_out(original, layout, frame, rendering)
+            else:
+                data = render(io.BytesIO(original), frame, rendering, in_memory=True)
         else:  # only the header's and the frame's ranges
-            source = self.objects.open(item.object_key, item.size)
-        with source:
-            data = render(source, frame, rendering, in_memory=whole)
+            with self.objects.open(item.object_key, item.size) as source:
+                data = render(source, frame, rendering)
         self._remember(key, data)
         self._keep(key, data, rendering.media_type)
         return Rendition(data, cached=False)
 
     def stored(self, result: StoreResult) -> None:
         """An instance stored by this archive (pipeline listener): it has no rendition in
-        the bucket but those this process writes."""
+        the bucket but those this process writes, and its frames are where its header's
+        pixel layout says."""
         if result.sha256:
+            pixels = result.header.pixels if result.header is not None else None
             with self._lock:
                 _remember_bounded(self._stored_here, result.sha256)
+                if pixels is not None:
+                    _remember_bounded(self._layouts, result.sha256, pixels, LAYOUTS_AT_MOST)
 
     def _original(self, item: Located) -> bytes:
         """The stored bytes, from the bucket (and copied, where this process keeps the
@@ -184,7 +196,10 @@ class Renditions:
                     target=self._write_behind, name="renditions", daemon=True
                 )
                 self._keeper.start()
-            self._wake.notify()
+            # Woken only when it has to act sooner than it will wake by itself: a thread
+            # woken per rendition took the interpreter from the request that made it.
+            if len(self._waiting) == 1 or self._backlog():
+                self._wake.notify()
 
     def _backlog(self, factor: int = 1) -> bool:
         """Renditions waiting reach `factor` times the bounds (the lock held)."""
@@ -244,10 +259,12 @@ class Renditions:
                 self._held -= len(dropped)
 
 
-def _remember_bounded(keys: OrderedDict[str, None], key: str) -> None:
-    keys[key] = None
+def _remember_bounded(
+    keys: OrderedDict, key: str, value: object = None, at_most: int = TRACKING_AT_MOST
+) -> None:
+    keys[key] = value
     keys.move_to_end(key)
-    if len(keys) > TRACKING_AT_MOST:
+    if len(keys) > at_most:
         keys.popitem(last=False)
 
 

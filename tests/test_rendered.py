@@ -24,8 +24,10 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian, generate_uid
 
+from storage.frames import FrameNotFound
+from storage.header import read_header
 from storage.query import Located
-from storage.rendering import Rendering, displayed
+from storage.rendering import Rendering, Window, displayed, render, render_laid_out
 from storage.renditions import RENDERED_PREFIX, Rendition, Renditions, rendition_key
 from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
@@ -462,6 +464,83 @@ def test_a_window_from_the_pixels_covers_their_bulk() -> None:
     assert grey[:100].max() == 0
     assert np.abs(grey[100:] - expected).mean() <= 1.0
     assert grey[100:].min() == 0 and grey[100:].max() == 255  # the tails clipped, not lost
+
+
+def _variant(name: str, tmp_path: Path) -> Path:
+    """A small stored object of each kind the pixel layout covers, with what trips a
+    reader of raw samples: bits above BitsStored set, a sign in bit 11, several frames.
+    Without a stored window, the window comes from the pixels."""
+    rng = np.random.default_rng(11)
+    ds = small_ct(number=1, seed=name)
+    syntax = None
+    if name == "signed 12 of 16, high bits set":
+        values = rng.integers(-2048, 2048, (40, 30)).astype(np.int16)
+        raw = (values.view(np.uint16) & 0x0FFF) | 0xB000  # garbage above bit 11
+        ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit = 40, 30, 12, 11
+        ds.PixelRepresentation, ds.PixelData = 1, raw.astype(np.uint16).tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, -1024, 40, 400
+    elif name == "unsigned 12 of 16, high bits set":
+        raw = rng.integers(0, 4096, (40, 30)).astype(np.uint16) | 0x7000
+        ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit = 40, 30, 12, 11
+        ds.PixelRepresentation, ds.PixelData = 0, raw.tobytes()
+    elif name == "MONOCHROME1, 8 bits, padded, implicit VR":
+        raw = rng.integers(0, 256, (33, 17)).astype(np.uint8)
+        raw[:3] = 7
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 33, 17, 8, 8, 7
+        ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME1"
+        ds.PixelPaddingValue, ds.PixelData = 7, raw.tobytes() + b"\0"  # odd length, padded
+        ds["PixelData"].VR = "OB"
+        syntax = ImplicitVRLittleEndian
+    elif name == "three grey frames":
+        frames = rng.integers(0, 3000, (3, 20, 24)).astype(np.int16)
+        ds.Rows, ds.Columns, ds.NumberOfFrames = 20, 24, 3
+        ds.PixelData = frames.tobytes()
+    elif name == "RGB, two frames":
+        ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = 12, 10, 2, 3
+        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = rng.integers(0, 256, (2, 12, 10, 3)).astype(np.uint8).tobytes()
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / f"{abs(hash(name))}.dcm"
+    ds.save_as(path, enforce_file_format=True, little_endian=True, implicit_vr=bool(syntax))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "signed 12 of 16, high bits set",
+        "unsigned 12 of 16, high bits set",
+        "MONOCHROME1, 8 bits, padded, implicit VR",
+        "three grey frames",
+        "RGB, two frames",
+    ],
+)
+def test_a_frame_read_by_its_layout_renders_as_pydicom_decodes_it(name, tmp_path) -> None:
+    """The pixel layout read at ingest locates every frame in the stored bytes: each frame
+    rendered from it is, byte for byte, the image pydicom's own decoding gives, with the
+    stored window, a requested one and a viewport; a frame outside the object is refused
+    the same way."""
+    path = _variant(name, tmp_path)
+    layout = read_header(path).pixels
+    assert layout is not None
+    data = path.read_bytes()
+    for rendering in (Rendering("image/png"), Rendering("image/png", (8, 8), Window(100, 900))):
+        for number in range(1, layout.number_of_frames + 1):
+            expected = render(io.BytesIO(data), number, rendering, in_memory=True)
+            assert render_laid_out(data, layout, number, rendering) == expected
+        with pytest.raises(FrameNotFound):
+            render_laid_out(data, layout, layout.number_of_frames + 1, rendering)
+
+
+@pytest.mark.parametrize(
+    "name", ["JPEG2000.dcm", "emri_small_big_endian.dcm", "OBXXXX1A.dcm", "vlut_04.dcm"]
+)
+def test_what_the_layout_does_not_cover_is_left_to_pydicom(name) -> None:
+    """Compressed or big-endian pixel data, palettes and LUT sequences have no layout:
+    those frames are decoded by pydicom as before."""
+    assert read_header(Path(get_testdata_file(name))).pixels is None
 
 
 def test_a_new_study_renders_while_the_object_store_hangs(stored, s3_server) -> None:
