@@ -480,8 +480,7 @@ def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
         )
 
     statement = _STATEMENTS.get(("locate", rule.shape), make)
-    with index.reading() as connection:
-        return [Located(*row) for row in connection.execute(statement, _values(rule))]
+    return [Located(*row) for row in index.rows(statement, _values(rule))]
 
 
 def search(index: Index, query: Query, viewer: Viewer) -> list[Match]:
