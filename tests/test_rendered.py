@@ -4,6 +4,7 @@ renderer) or against what a reader would notice on the image."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -26,12 +27,15 @@ from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian, generate_uid
 
 from storage.frames import FrameNotFound
 from storage.header import read_header
+from storage.index import Index
 from storage.query import Located
 from storage.rendering import Rendering, Window, displayed, render, render_laid_out
 from storage.renditions import RENDERED_PREFIX, Rendition, Renditions, rendition_key
 from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
-from viewer_api.routes.rendered import media_type_of
+from viewer_api.app import create_app
+from viewer_api.deps import Services
+from viewer_api.routes.rendered import RenderedLane, media_type_of
 
 BOUNDARY = "rendered-test-boundary"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -541,6 +545,70 @@ def test_what_the_layout_does_not_cover_is_left_to_pydicom(name) -> None:
     """Compressed or big-endian pixel data, palettes and LUT sequences have no layout:
     those frames are decoded by pydicom as before."""
     assert read_header(Path(get_testdata_file(name))).pixels is None
+
+
+def test_the_lane_and_the_routes_answer_alike(stored, s3_server) -> None:
+    """Rendered resources are answered by `RenderedLane`, before FastAPI, and by the
+    FastAPI routes that document them when the lane is not in front: the same images
+    with the same entity tags, and the same refusals with the same reasons."""
+    archive, paths = stored
+    index = Index(f"sqlite:///{archive.data_dir / 'index.sqlite3'}")
+    services = Services(objects=bucket_of(archive, s3_server), index=index, open_access=True)
+    app = create_app(services)
+    instance = paths["CT_small.dcm"]
+    series = instance.rsplit("/instances/", 1)[0]
+    asks = [
+        f"{instance}/rendered",
+        f"{instance}/rendered?window=40,400&viewport=64,64&quality=70",
+        f"{instance}/frames/1/rendered",
+        f"{instance}/frames/2/rendered",  # no such frame: 404
+        f"{instance}/frames/first/rendered",  # 400
+        f"{instance}/rendered?window=40",  # 400
+        f"{instance}/thumbnail",
+        f"{series}/thumbnail",
+        f"{series.rsplit('/series/', 1)[0]}/thumbnail",
+        "/dicomweb/studies/1.2.3/thumbnail",  # no such study: 404
+        "/dicomweb/studies/not-a-uid/thumbnail",  # 400
+    ]
+
+    reached_fastapi: list[str] = []
+
+    async def behind_the_lane(scope, receive, send) -> None:
+        reached_fastapi.append(scope["path"])
+        await app(scope, receive, send)
+
+    async def answers(application) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://archive") as client:
+            return [await client.get(url, headers={"Accept": "image/png"}) for url in asks]
+
+    try:
+        by_lane = asyncio.run(answers(RenderedLane(behind_the_lane, app)))
+        assert reached_fastapi == []  # the lane answered every one
+        by_routes = asyncio.run(answers(app))
+    finally:
+        services.renditions.close()
+        services.shares.close()
+        index.dispose()
+    for url, lane, route in zip(asks, by_lane, by_routes, strict=True):
+        seen = [
+            (r.status_code, r.headers.get("content-type"), r.headers.get("etag"), r.content)
+            for r in (lane, route)
+        ]
+        assert seen[0] == seen[1], url
+    assert [r.status_code for r in by_lane] == [
+        200,
+        200,
+        200,
+        404,
+        400,
+        400,
+        200,
+        200,
+        200,
+        404,
+        400,
+    ]
 
 
 def test_a_new_study_renders_while_the_object_store_hangs(stored, s3_server) -> None:

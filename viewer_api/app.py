@@ -42,5 +42,6 @@ def create_app(services: Services) -> FastAPI:
 
 def served(app: FastAPI) -> AnswerFromMemory:
     """The ASGI application to serve: `app`, with its recent answers given before FastAPI
-    sees the request (its own middleware stack cost a fifth of such an answer)."""
-    return AnswerFromMemory(app, app.state.recent_answers)
+    sees the request (its own middleware stack cost a fifth of such an answer), then its
+    rendered images (`rendered.RenderedLane`)."""
+    return AnswerFromMemory(rendered.RenderedLane(app, app), app.state.recent_answers)

@@ -152,36 +152,41 @@ def _refuse(services: Services, request: Request, status: int, reason: str, acto
     raise HTTPException(status_code=status, detail=reason, headers=headers)
 
 
-def requires(scope: str) -> Callable:
-    """A dependency giving the authenticated `Caller`, who must hold `scope`.
+async def authenticated(request: Request, services: Services, scope: str) -> Caller:
+    """The caller of `request`, who must hold `scope`: `Authorization: Bearer <key>`;
+    without a key, only an `--open` archive answers (as its one default institution,
+    every scope). A refusal is audited, then raised as a 401 or 403."""
+    source = request.client.host if request.client else ""
+    header = request.headers.get("authorization", "")
+    if not header:
+        if services.open_access:
+            return Caller(DEFAULT_INSTITUTION, "open", frozenset(SCOPES), source)
+        await run_in_threadpool(
+            _refuse, services, request, 401, "an API key is required", "anonymous"
+        )
+    kind, _, token = header.partition(" ")
+    found = None
+    if kind.lower() == "bearer" and services.registry is not None:
+        found = await run_in_threadpool(services.registry.authenticate, token.strip(), source)
+    if found is None:
+        await run_in_threadpool(
+            _refuse, services, request, 401, "unknown or revoked API key", "anonymous"
+        )
+    if scope not in found.scopes:
+        await run_in_threadpool(
+            _refuse, services, request, 403, f"this key lacks the {scope!r} scope", found.actor
+        )
+    return found
 
-    `Authorization: Bearer <key>`; without a key, only an `--open` archive answers (as its
-    one default institution, every scope)."""
+
+def requires(scope: str) -> Callable:
+    """A dependency giving the authenticated `Caller`, who must hold `scope`
+    (`authenticated`)."""
     if scope not in SCOPES:
         raise ValueError(scope)
 
     async def caller(request: Request, services: ServicesDep) -> Caller:
-        source = request.client.host if request.client else ""
-        header = request.headers.get("authorization", "")
-        if not header:
-            if services.open_access:
-                return Caller(DEFAULT_INSTITUTION, "open", frozenset(SCOPES), source)
-            await run_in_threadpool(
-                _refuse, services, request, 401, "an API key is required", "anonymous"
-            )
-        kind, _, token = header.partition(" ")
-        found = None
-        if kind.lower() == "bearer" and services.registry is not None:
-            found = await run_in_threadpool(services.registry.authenticate, token.strip(), source)
-        if found is None:
-            await run_in_threadpool(
-                _refuse, services, request, 401, "unknown or revoked API key", "anonymous"
-            )
-        if scope not in found.scopes:
-            await run_in_threadpool(
-                _refuse, services, request, 403, f"this key lacks the {scope!r} scope", found.actor
-            )
-        return found
+        return await authenticated(request, services, scope)
 
     return caller
 
