@@ -50,6 +50,9 @@ QUIET_SECONDS = 0.25
 # Instances stored through this process whose renditions it keeps track of (see
 # `Renditions.stored`), most recent first.
 TRACKING_AT_MOST = 100_000
+# The largest frame rendered for a caller that must not wait (`Renditions.rendered`,
+# `here`): a 512 x 512 CT slice is 0.5 MB and renders in about a millisecond.
+HERE_FRAME_BYTES = 1024 * 1024
 # Pixel layouts of instances stored recently (see `Renditions.stored`), most recent first:
 # about 1 KB each. The instances a viewer opens first are those just stored.
 LAYOUTS_AT_MOST = 20_000
@@ -76,6 +79,11 @@ def representatives(located: list[Located]) -> list[Located]:
     for item in located:
         series.setdefault(item.series_instance_uid, []).append(item)
     return [items[(len(items) - 1) // 2] for items in series.values()]
+
+
+class NotHere(Exception):
+    """This rendition cannot be made without waiting (for the bucket) or without long
+    work; nothing was done: ask again from a thread."""
 
 
 @dataclass(frozen=True)
@@ -121,10 +129,14 @@ class Renditions:
         self._wake = threading.Condition(self._lock)
         self._keeper: threading.Thread | None = None  # started with the first rendition
 
-    def rendered(self, item: Located, frame: int | None, rendering: Rendering) -> Rendition:
-        """Frame `frame` (1-based; None: the middle one) of `item`, rendered.
+    def rendered(
+        self, item: Located, frame: int | None, rendering: Rendering, here: bool = False
+    ) -> Rendition:
+        """Frame `frame` (1-based; None: the middle one) of `item`, rendered. `here`: only
+        from memory, or from a local copy whose pixel layout is known and whose frames
+        are at most `HERE_FRAME_BYTES` (for an event loop, which must not wait).
 
-        FrameNotFound, Undecodable (storage.rendering), ObjectStoreUnavailable."""
+        FrameNotFound, Undecodable (storage.rendering), ObjectStoreUnavailable; NotHere."""
         key = rendition_key(item, frame, rendering)
         self._asked_at = time.monotonic()
         data = self._recall(key)
@@ -135,9 +147,15 @@ class Renditions:
             written = key in self._written
             stored_here = item.sha256 in self._stored_here
             layout = self._layouts.get(item.sha256)
+        if here and (
+            written or not whole or layout is None or layout.frame_bytes > HERE_FRAME_BYTES
+        ):
+            raise NotHere(key)
         copy = None
         if whole and not written and self.local_copies is not None:
             copy = self.local_copies.read(item.sha256)
+        if here and copy is None:
+            raise NotHere(key)
         if written or (copy is None and not stored_here):  # the bucket may hold it
             try:
                 data = self.objects.get(key)

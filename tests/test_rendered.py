@@ -10,6 +10,7 @@ import io
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -628,6 +629,38 @@ def test_a_new_study_renders_while_the_object_store_hangs(stored, s3_server) -> 
     assert response.status_code == 200, response.text
     assert response.content.startswith(b"\xff\xd8")
     assert elapsed < 5
+
+
+def test_a_rendering_that_needs_the_object_store_waits_alone(stored, s3_server) -> None:
+    """Small images are rendered on the HTTP process's event loop when their original is
+    on local disk; one whose original is only in the bucket is rendered in a thread. With
+    the object store frozen, such a rendering waits for it, and meanwhile the archive
+    goes on rendering others from local copies and answering searches."""
+    archive, paths = stored
+    digest = hashlib.sha256(Path(get_testdata_file("MR_small.dcm")).read_bytes()).hexdigest()
+    removed = [p for p in archive.data_dir.glob(f"copies*/{digest}") if p.unlink() is None]
+    assert removed, "the archive kept no local copy of MR_small.dcm"
+    waiting: list[httpx.Response] = []
+    os.kill(s3_server.process.pid, signal.SIGSTOP)
+    try:
+        remote = threading.Thread(
+            target=lambda: waiting.append(
+                get(archive, paths["MR_small.dcm"] + "/rendered", quality="41")
+            )
+        )
+        remote.start()
+        time.sleep(0.5)  # its GET is under way, and hangs
+        started = time.monotonic()
+        local = get(archive, paths["CT_small.dcm"] + "/rendered", quality="41")
+        search = httpx.get(f"{archive.http}/dicomweb/studies", timeout=10)
+        elapsed = time.monotonic() - started
+        assert not waiting, "the bucket's rendering did not wait for the frozen bucket"
+    finally:
+        os.kill(s3_server.process.pid, signal.SIGCONT)
+    remote.join(timeout=60)
+    assert local.status_code == 200 and search.status_code == 200
+    assert elapsed < 2
+    assert waiting and waiting[0].status_code in (200, 503)
 
 
 def test_a_held_image_is_revalidated_not_sent_again(stored) -> None:

@@ -103,7 +103,24 @@ def record_for(
     detail: str = "",
 ) -> AuditEntry:
     """An audit event for something an authenticated HTTP caller did (and the event)."""
-    entry = AuditEntry(
+    entry = event_for(
+        caller, action, outcome, resource=resource, instances=instances, detail=detail
+    )
+    record(services, entry)
+    return entry
+
+
+def event_for(
+    caller: Caller,
+    action: str,
+    outcome: str,
+    *,
+    resource: str = "",
+    instances: int = 0,
+    detail: str = "",
+) -> AuditEntry:
+    """The audit event `record_for` records."""
+    return AuditEntry(
         actor=caller.actor,
         institution=caller.institution,
         action=action,
@@ -113,8 +130,6 @@ def record_for(
         instances=instances,
         detail=detail,
     )
-    record(services, entry)
-    return entry
 
 
 async def index_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -212,6 +227,20 @@ def visible_and_audited(
     services: Services, caller: Caller, request: Request, uids: dict[str, str]
 ) -> tuple[list[Located], AuditEntry]:
     """`visible_instances`, and the audit event it recorded."""
+    found, level = visible(services, caller, request, uids)
+    if found:
+        entry = retrieval_event(caller, request, found)
+        record(services, entry)
+        return found, entry
+    record_for(services, caller, "retrieve", audit.FAILED, resource=f"WADO {request.url.path}")
+    raise HTTPException(404, f"no such {level.name.lower()} visible to this key")
+
+
+def visible(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str]
+) -> tuple[list[Located], QueryLevel]:
+    """What `visible_instances` finds, and at which level, before any audit: a caller
+    that finds something records `retrieval_event`."""
     path_uids(uids)
     keys = dict(uids)
     for name in _IDENTIFIER_PARAMETERS:
@@ -224,15 +253,11 @@ def visible_and_audited(
         if "SeriesInstanceUID" in uids
         else QueryLevel.STUDY
     )
-    found = locate(services.index, Query(level, keys), services.viewer(caller))
-    entry = record_for(
-        services,
-        caller,
-        "retrieve",
-        audit.OK if found else audit.FAILED,
-        resource=f"WADO {request.url.path}",
-        instances=len(found),
+    return locate(services.index, Query(level, keys), services.viewer(caller)), level
+
+
+def retrieval_event(caller: Caller, request: Request, found: list[Located]) -> AuditEntry:
+    """The audit event of a successful `visible_and_audited`."""
+    return event_for(
+        caller, "retrieve", audit.OK, resource=f"WADO {request.url.path}", instances=len(found)
     )
-    if not found:
-        raise HTTPException(404, f"no such {level.name.lower()} visible to this key")
-    return found, entry

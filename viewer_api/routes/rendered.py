@@ -27,15 +27,18 @@ from storage.audit import AuditEntry
 from storage.frames import FrameNotFound, frame_number
 from storage.index import IndexUnavailable
 from storage.objects import ObjectStoreUnavailable
+from storage.query import Located
 from storage.registry import Caller
 from storage.rendering import FORMATS, Rendering, Undecodable, Window, WindowFunction
-from storage.renditions import THUMBNAIL, rendition_key, representatives
+from storage.renditions import THUMBNAIL, NotHere, rendition_key, representatives
 from viewer_api.deps import (
     ReadCaller,
     Services,
     ServicesDep,
     authenticated,
     index_unavailable,
+    retrieval_event,
+    visible,
     visible_and_audited,
 )
 from viewer_api.recent_answers import RecentAnswers
@@ -144,20 +147,51 @@ def _rendered(
     """The rendered image, its entity tag and the audit event recorded; None for the
     image when the client holds it already (If-None-Match)."""
     located, audited = visible_and_audited(services, caller, request, uids)
+    return *_image(services, request, representatives(located), frame, rendering), audited
+
+
+def _located_here(
+    services: Services, caller: Caller, request: Request, uids: dict[str, str]
+) -> tuple[list[Located], AuditEntry] | None:
+    """What `visible_and_audited` gives, found and audited on the event loop where that
+    waits for nothing: the index is SQLite (a read of a few pages of a local file, where
+    PostgreSQL is a network round trip), something is found, and its audit event is
+    queued. None, with nothing done, otherwise."""
+    if not services.index.is_sqlite:
+        return None
+    found, _ = visible(services, caller, request, uids)
+    if not found:
+        return None  # the failure's audit event is written before the answer
+    audited = retrieval_event(caller, request, found)
+    if services.audit is not None and not services.audit.record_soon(audited):
+        return None  # the audit trail is backed up: a thread waits for it
+    return representatives(found), audited
+
+
+def _image(
+    services: Services,
+    request: Request,
+    candidates: list[Located],
+    frame: int | None,
+    rendering: Rendering,
+    here: bool = False,
+) -> tuple[bytes | None, str]:
+    """The first of `candidates` with an image, rendered, and its entity tag; None for
+    the image when the client holds it already (If-None-Match). `here`: see
+    `Renditions.rendered`."""
     renditions = services.renditions
     assert renditions is not None  # Services makes one
-    candidates = representatives(located)
     held = request.headers.get("if-none-match", "")
     for position, item in enumerate(candidates):
         etag = (
             f'"{hashlib.sha256(rendition_key(item, frame, rendering).encode()).hexdigest()[:32]}"'
         )
         if etag in held:
-            return None, etag, audited
+            return None, etag
         try:
-            rendition = renditions.rendered(item, frame, rendering)
+            rendition = renditions.rendered(item, frame, rendering, here)
             metrics.RENDITIONS.labels("cached" if rendition.cached else "rendered").inc()
-            return rendition.data, etag, audited
+            return rendition.data, etag
         except FrameNotFound as exc:
             if position + 1 < len(candidates) and "no image" in str(exc):
                 continue  # a study thumbnail: this series holds no images, try the next
@@ -178,11 +212,26 @@ async def _respond(
     thumbnail: bool = False,
 ) -> Response:
     """The image, with an entity tag a phone or browser revalidates with (no-cache: the
-    access check and the audit run for every view; an image it holds costs a 304)."""
+    access check and the audit run for every view; an image it holds costs a 304).
+
+    An image in memory, or a small one rendered from a local copy, is answered on the event
+    loop (`_located_here`, `Renditions.rendered`): the two thread hand-offs cost a fifth
+    of such an answer with the processor's caches cold, as they are between a viewer's
+    requests (bench/README.md, "Rendering latency"). The rest is done in a thread."""
     rendering = rendering_of(request, THUMBNAIL if thumbnail else Rendering())
-    body, etag, audited = await run_in_threadpool(
-        _rendered, services, caller, request, uids, frame, rendering
-    )
+    located = _located_here(services, caller, request, uids)
+    if located is None:
+        body, etag, audited = await run_in_threadpool(
+            _rendered, services, caller, request, uids, frame, rendering
+        )
+    else:
+        candidates, audited = located
+        try:
+            body, etag = _image(services, request, candidates, frame, rendering, here=True)
+        except NotHere:
+            body, etag = await run_in_threadpool(
+                _image, services, request, candidates, frame, rendering
+            )
     headers = {"Vary": "Accept", "ETag": etag, "Cache-Control": "private, no-cache"}
     if body is None:
         return Response(status_code=304, headers=headers)
