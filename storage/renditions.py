@@ -54,7 +54,8 @@ TRACKING_AT_MOST = 100_000
 # `here`): a 512 x 512 CT slice is 0.5 MB and renders in about a millisecond.
 HERE_FRAME_BYTES = 1024 * 1024
 # Pixel layouts of instances stored recently (see `Renditions.stored`), most recent first:
-# about 1 KB each. The instances a viewer opens first are those just stored.
+# about 0.35 KB each (`PixelLayout.shared`). The instances a viewer opens first are those
+# just stored.
 LAYOUTS_AT_MOST = 20_000
 
 
@@ -187,7 +188,8 @@ class Renditions:
             with self._lock:
                 _remember_bounded(self._stored_here, result.sha256)
                 if pixels is not None:
-                    _remember_bounded(self._layouts, result.sha256, pixels, LAYOUTS_AT_MOST)
+                    layout = pixels.shared()
+                    _remember_bounded(self._layouts, result.sha256, layout, LAYOUTS_AT_MOST)
 
     def _original(self, item: Located) -> bytes:
         """The stored bytes, from the bucket (and copied, where this process keeps the
