@@ -78,9 +78,18 @@ class KeepAlive:
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
 
     def get(self, path: str) -> tuple[int, bytes]:
-        self.connection.request("GET", path, headers=JPEG)
-        response = self.connection.getresponse()
-        return response.status, response.read()
+        """The answer's status and body; once more on a new connection when the server
+        closed the idle one (the retry is in the time measured, and rare)."""
+        for attempt in (1, 2):
+            try:
+                self.connection.request("GET", path, headers=JPEG)
+                response = self.connection.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionError):
+                self.connection.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.connection.close()
@@ -267,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  {len(files)} instances in both; rendering ...")
         ours, theirs = KeepAlive(pocketpacs.http_port), KeepAlive(orthanc.http_port)
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{orthanc.http_port}") as lookup:
+            orthanc_url = f"http://127.0.0.1:{orthanc.http_port}"
+            with httpx.Client(base_url=orthanc_url, timeout=120) as lookup:
                 data["results"] = measure(ours, theirs, lookup, chosen)
         finally:
             ours.close()

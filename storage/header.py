@@ -189,7 +189,9 @@ def pixel_layout(ds: Dataset, span: tuple[int, int] | None) -> PixelLayout | Non
         number_of_frames=max(1, _int(ds, "NumberOfFrames") or 1),
         display=display,
     )
-    return layout if layout.number_of_frames * layout.frame_bytes <= span[1] else None
+    if layout.number_of_frames * layout.frame_bytes > span[1]:
+        return None
+    return layout.shared()  # headers wait by the thousand in the spool, too
 
 
 @dataclass(frozen=True)

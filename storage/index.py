@@ -135,6 +135,22 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class _Compiled:
+    """A select as its driver takes it: the SQL, the order of positional parameters
+    (None: named), and the values of the parameters the statement itself holds (the
+    literals of its conditions); `sql` None when SQLAlchemy must convert or expand."""
+
+    statement: Executable
+    sql: str | None
+    order: tuple[str, ...] | None
+    literals: dict[str, object]
+
+    def parameters(self, values: dict[str, object]) -> tuple | dict[str, object]:
+        merged = {**self.literals, **values}
+        return merged if self.order is None else tuple(merged[name] for name in self.order)
+
+
 class _CompiledSelects:
     """Selects compiled for one engine's driver, by statement (statements are made once
     per shape, `storage.query`), the most recently used kept."""
@@ -144,32 +160,36 @@ class _CompiledSelects:
     def __init__(self, engine: Engine, capacity: int = 1024) -> None:
         self._dialect = engine.dialect
         self._capacity = capacity
-        self._compiled: OrderedDict[int, tuple[Executable, str, tuple[str, ...] | None]] = (
-            OrderedDict()
-        )
+        self._compiled: OrderedDict[int, _Compiled] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(
-        self, statement: Executable, values: dict[str, object]
-    ) -> tuple[str, tuple[str, ...] | None] | None:
-        """The driver's SQL and the order of its positional parameters (None: named), or
-        None when the driver cannot take `values` as they are."""
+    def get(self, statement: Executable, values: dict[str, object]) -> _Compiled | None:
+        """`statement` compiled, or None when the driver cannot take it or `values` as
+        they are."""
         if not all(isinstance(value, self.PLAIN) for value in values.values()):
             return None
         with self._lock:
             found = self._compiled.get(id(statement))
-            if found is not None and found[0] is statement:
+            if found is not None and found.statement is statement:
                 self._compiled.move_to_end(id(statement))
-                return found[1], found[2]
+                return found if found.sql is not None else None
         compiled = statement.compile(dialect=self._dialect)
-        if compiled._bind_processors or "POSTCOMPILE" in compiled.string:
-            return None  # values SQLAlchemy converts, or lists it expands
-        order = tuple(compiled.positiontup) if compiled.positional else None
+        plain = not compiled._bind_processors and "POSTCOMPILE" not in compiled.string
+        made = _Compiled(
+            statement,
+            compiled.string if plain else None,  # else values converted, or lists expanded
+            tuple(compiled.positiontup) if compiled.positional else None,
+            {
+                name: value
+                for name, value in compiled.construct_params(values).items()
+                if name not in values
+            },
+        )
         with self._lock:
-            self._compiled[id(statement)] = (statement, compiled.string, order)
+            self._compiled[id(statement)] = made
             while len(self._compiled) > self._capacity:
                 self._compiled.popitem(last=False)
-        return compiled.string, order
+        return made if plain else None
 
 
 class Index:
@@ -214,33 +234,40 @@ class Index:
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index did not answer: {exc}"[:300]) from exc
 
+    def reads_locally(self) -> bool:
+        """Whether a lookup now waits for nothing: SQLite (pages of a local file, which
+        writers do not block in WAL mode) with a pooled connection idle (none to open).
+        PostgreSQL is a network round trip away, and can stall."""
+        return self.is_sqlite and self.engine.pool.checkedin() > 0
+
     def rows(self, statement: Executable, values: dict[str, object]) -> list[tuple]:
-        """The rows of a select, as `reading` would give them, run on the driver's own
-        connection with the statement compiled once. Why: on a lookup by UIDs,
-        SQLAlchemy's execution layer cost more than the query, 0.6 ms of a 3 ms rendering
-        with the processor's caches cold (bench/README.md, "Rendering latency"). Values
-        that need SQLAlchemy's conversions (dates, lists) take the usual way."""
+        """The rows of a select of plain columns (text and numbers: the driver's values,
+        without SQLAlchemy's result processing), run on the driver's own connection with
+        the statement compiled once. Why: on a lookup by UIDs, SQLAlchemy's execution
+        layer cost more than the query, 0.5 to 0.9 ms of a 3 ms rendering with the
+        processor's caches cold (bench/README.md, "Rendering latency"). Values that need
+        SQLAlchemy's conversions (dates, lists) take the usual way."""
         compiled = self._compiled.get(statement, values)
         if compiled is None:
             with self.reading() as connection:
                 return [tuple(row) for row in connection.execute(statement, values)]
-        sql, order = compiled
-        parameters = tuple(values[name] for name in order) if order is not None else values
+        driver_error = self.engine.dialect.loaded_dbapi.Error
         try:
             connection = self.engine.raw_connection()
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, driver_error) as exc:
             raise IndexUnavailable(f"the index did not answer: {exc}"[:300]) from exc
+        cursor = None
         try:
             cursor = connection.cursor()
-            try:
-                cursor.execute(sql, parameters)
-                return cursor.fetchall()
-            finally:
-                cursor.close()
-        except self.engine.dialect.loaded_dbapi.Error as exc:
-            connection.invalidate()  # perhaps cut: the pool opens another
+            cursor.execute(compiled.sql, compiled.parameters(values))
+            return cursor.fetchall()
+        except driver_error as exc:
+            if self.engine.dialect.is_disconnect(exc, connection.dbapi_connection, cursor):
+                connection.invalidate()  # the pool opens another
             raise IndexUnavailable(f"the index did not answer: {exc}"[:300]) from exc
         finally:
+            if cursor is not None:
+                cursor.close()
             connection.close()  # back to the pool, its transaction rolled back
 
     def migrate(self) -> None:

@@ -143,12 +143,16 @@ def render_laid_out(
     `layout` (read at ingest) locates: no parsing, the frame's samples read in place."""
     number = _frame_in_range(number, layout.number_of_frames)
     kind = "i" if layout.signed else "u"
-    samples = np.frombuffer(
-        data,
-        np.dtype(f"<{kind}{layout.bits_allocated // 8}"),
-        layout.rows * layout.columns * layout.samples_per_pixel,
-        layout.offset + (number - 1) * layout.frame_bytes,
-    )
+    try:
+        samples = np.frombuffer(
+            data,
+            np.dtype(f"<{kind}{layout.bits_allocated // 8}"),
+            layout.rows * layout.columns * layout.samples_per_pixel,
+            layout.offset + (number - 1) * layout.frame_bytes,
+        )
+        attributes = layout.attributes()
+    except Exception as exc:  # bytes shorter than the layout, attributes pydicom refuses
+        raise Undecodable(f"frame {number} cannot be read: {exc}") from exc
     shape = (layout.rows, layout.columns)
     pixels = samples.reshape(shape if layout.samples_per_pixel == 1 else (*shape, 3))
     unused = layout.bits_allocated - layout.bits_stored
@@ -156,7 +160,7 @@ def render_laid_out(
         pixels = (pixels << unused) >> unused
     elif unused:  # bits above BitsStored are not the value (overlays, once)
         pixels = pixels & ((1 << layout.bits_stored) - 1)
-    return _shown(layout.attributes(), pixels, number, rendering)
+    return _shown(attributes, pixels, number, rendering)
 
 
 def _frame_in_range(number: int | None, count: int) -> int:

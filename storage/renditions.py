@@ -50,9 +50,10 @@ QUIET_SECONDS = 0.25
 # Instances stored through this process whose renditions it keeps track of (see
 # `Renditions.stored`), most recent first.
 TRACKING_AT_MOST = 100_000
-# The largest frame rendered for a caller that must not wait (`Renditions.rendered`,
-# `here`): a 512 x 512 CT slice is 0.5 MB and renders in about a millisecond.
-HERE_FRAME_BYTES = 1024 * 1024
+# The largest object rendered for a caller that must not wait (`Renditions.rendered`,
+# `here`), read whole from its local copy: a 512 x 512 CT slice is 0.5 MB and renders as a
+# JPEG in about a millisecond. PNG and WebP take 5 to 20 times as long: not here.
+HERE_OBJECT_BYTES = 2 * 1024 * 1024
 # Pixel layouts of instances stored recently (see `Renditions.stored`), most recent first:
 # about 0.35 KB each (`PixelLayout.shared`). The instances a viewer opens first are those
 # just stored.
@@ -134,8 +135,8 @@ class Renditions:
         self, item: Located, frame: int | None, rendering: Rendering, here: bool = False
     ) -> Rendition:
         """Frame `frame` (1-based; None: the middle one) of `item`, rendered. `here`: only
-        from memory, or from a local copy whose pixel layout is known and whose frames
-        are at most `HERE_FRAME_BYTES` (for an event loop, which must not wait).
+        from memory, or as a JPEG from a local copy of at most `HERE_OBJECT_BYTES` whose
+        pixel layout is known (for an event loop, which must not wait).
 
         FrameNotFound, Undecodable (storage.rendering), ObjectStoreUnavailable; NotHere."""
         key = rendition_key(item, frame, rendering)
@@ -149,7 +150,10 @@ class Renditions:
             stored_here = item.sha256 in self._stored_here
             layout = self._layouts.get(item.sha256)
         if here and (
-            written or not whole or layout is None or layout.frame_bytes > HERE_FRAME_BYTES
+            written
+            or layout is None
+            or item.size > HERE_OBJECT_BYTES
+            or rendering.media_type != "image/jpeg"
         ):
             raise NotHere(key)
         copy = None

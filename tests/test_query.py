@@ -11,7 +11,7 @@ import pytest
 from storage import layout
 from storage.header import InstanceHeader
 from storage.index import Index, Origin
-from storage.query import InvalidQuery, Query, QueryLevel, Viewer, search
+from storage.query import InvalidQuery, Query, QueryLevel, Viewer, locate, search
 from tests.test_index import SERIES, STUDY, header
 
 NORTH, SOUTH = Viewer("north"), Viewer("south")
@@ -246,3 +246,24 @@ def test_searches_of_one_shape_share_a_statement_not_its_values(region: Index) -
         ["3.3"],
         [],
     ]
+
+
+@pytest.mark.parametrize(
+    ("keys", "studies"),
+    [
+        ({"StudyTime": "220000-235959"}, {"3.2"}),  # a condition with literals of its own
+        ({"StudyInstanceUID": "3.2\\3.3"}, {"3.2", "3.3"}),  # a list: expanded by SQLAlchemy
+        ({"PatientID": "P1", "AccessionNumber": "ACC2"}, {"3.2"}),
+    ],
+)
+def test_a_retrieval_locates_what_a_search_matches(region: Index, keys, studies) -> None:
+    """C-MOVE, C-GET and WADO-RS locate instances (`locate`, run on the driver's own
+    connection) with the matching and the access rule of a search, on either database."""
+    found = search(
+        region,
+        Query(QueryLevel.STUDY, {**keys, "StudyInstanceUID": keys.get("StudyInstanceUID", "")}),
+        NORTH,
+    )
+    located = locate(region, Query(QueryLevel.STUDY, keys), NORTH)
+    assert {m["StudyInstanceUID"] for m in found} == studies
+    assert {item.study_instance_uid for item in located} == studies

@@ -30,7 +30,14 @@ from storage.frames import FrameNotFound
 from storage.header import read_header
 from storage.index import Index
 from storage.query import Located
-from storage.rendering import Rendering, Window, displayed, render, render_laid_out
+from storage.rendering import (
+    Rendering,
+    Undecodable,
+    Window,
+    displayed,
+    render,
+    render_laid_out,
+)
 from storage.renditions import RENDERED_PREFIX, Rendition, Renditions, rendition_key
 from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
@@ -526,7 +533,7 @@ def test_a_frame_read_by_its_layout_renders_as_pydicom_decodes_it(name, tmp_path
     """The pixel layout read at ingest locates every frame in the stored bytes: each frame
     rendered from it is, byte for byte, the image pydicom's own decoding gives, with the
     stored window, a requested one and a viewport; a frame outside the object is refused
-    the same way."""
+    the same way, and bytes cut short are undecodable, not a server error."""
     path = _variant(name, tmp_path)
     layout = read_header(path).pixels
     assert layout is not None
@@ -537,6 +544,8 @@ def test_a_frame_read_by_its_layout_renders_as_pydicom_decodes_it(name, tmp_path
             assert render_laid_out(data, layout, number, rendering) == expected
         with pytest.raises(FrameNotFound):
             render_laid_out(data, layout, layout.number_of_frames + 1, rendering)
+    with pytest.raises(Undecodable):  # bytes cut short of what the layout says
+        render_laid_out(data[: layout.offset + 10], layout, 1, Rendering())
 
 
 @pytest.mark.parametrize(

@@ -93,19 +93,11 @@ def record(services: Services, entry: AuditEntry) -> None:
 
 
 def record_for(
-    services: Services,
-    caller: Caller,
-    action: str,
-    outcome: str,
-    *,
-    resource: str = "",
-    instances: int = 0,
-    detail: str = "",
+    services: Services, caller: Caller, action: str, outcome: str, **details: str | int
 ) -> AuditEntry:
-    """An audit event for something an authenticated HTTP caller did (and the event)."""
-    entry = event_for(
-        caller, action, outcome, resource=resource, instances=instances, detail=detail
-    )
+    """The audit event `event_for` makes (`details`: its resource, instances, detail),
+    recorded; and the event."""
+    entry = event_for(caller, action, outcome, **details)  # type: ignore[arg-type]
     record(services, entry)
     return entry
 
@@ -119,7 +111,7 @@ def event_for(
     instances: int = 0,
     detail: str = "",
 ) -> AuditEntry:
-    """The audit event `record_for` records."""
+    """An audit event for something an authenticated HTTP caller did."""
     return AuditEntry(
         actor=caller.actor,
         institution=caller.institution,

@@ -154,10 +154,9 @@ def _located_here(
     services: Services, caller: Caller, request: Request, uids: dict[str, str]
 ) -> tuple[list[Located], AuditEntry] | None:
     """What `visible_and_audited` gives, found and audited on the event loop where that
-    waits for nothing: the index is SQLite (a read of a few pages of a local file, where
-    PostgreSQL is a network round trip), something is found, and its audit event is
-    queued. None, with nothing done, otherwise."""
-    if not services.index.is_sqlite:
+    waits for nothing: the index reads locally (`Index.reads_locally`), something is
+    found, and its audit event is queued. None, with nothing done, otherwise."""
+    if not services.index.reads_locally():
         return None
     found, _ = visible(services, caller, request, uids)
     if not found:
