@@ -140,12 +140,12 @@ def _plain(value: object) -> str | int:
     """An element's value as its text (numbers as written, several joined by a
     backslash), or an integer: a layout crosses to the HTTP process and waits there by
     the thousand, and pydicom's number objects took four times the room."""
-    if isinstance(value, str | int) and not isinstance(value, bool):
-        return value if type(value) in (str, int) else str(value)
+    if type(value) in (str, int):
+        return value  # type: ignore[return-value]
+    if isinstance(value, str | int | float):  # pydicom's IS, DSfloat: their text
+        return str(value)
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         return "\\".join(str(v) for v in value)
-    if isinstance(value, float):
-        return str(value)
     raise TypeError(f"not a plain value: {type(value).__name__}")
 
 

@@ -141,7 +141,6 @@ class _Compiled:
     (None: named), and the values of the parameters the statement itself holds (the
     literals of its conditions); `sql` None when SQLAlchemy must convert or expand."""
 
-    statement: Executable
     sql: str | None
     order: tuple[str, ...] | None
     literals: dict[str, object]
@@ -153,14 +152,14 @@ class _Compiled:
 
 class _CompiledSelects:
     """Selects compiled for one engine's driver, by statement (statements are made once
-    per shape, `storage.query`), the most recently used kept."""
+    per shape, `storage.query`, and compared by identity), the most recently used kept."""
 
     PLAIN = (str, int, float)
 
     def __init__(self, engine: Engine, capacity: int = 1024) -> None:
         self._dialect = engine.dialect
         self._capacity = capacity
-        self._compiled: OrderedDict[int, _Compiled] = OrderedDict()
+        self._compiled: OrderedDict[Executable, _Compiled] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, statement: Executable, values: dict[str, object]) -> _Compiled | None:
@@ -169,14 +168,13 @@ class _CompiledSelects:
         if not all(isinstance(value, self.PLAIN) for value in values.values()):
             return None
         with self._lock:
-            found = self._compiled.get(id(statement))
-            if found is not None and found.statement is statement:
-                self._compiled.move_to_end(id(statement))
+            found = self._compiled.get(statement)
+            if found is not None:
+                self._compiled.move_to_end(statement)
                 return found if found.sql is not None else None
         compiled = statement.compile(dialect=self._dialect)
         plain = not compiled._bind_processors and "POSTCOMPILE" not in compiled.string
         made = _Compiled(
-            statement,
             compiled.string if plain else None,  # else values converted, or lists expanded
             tuple(compiled.positiontup) if compiled.positional else None,
             {
@@ -186,7 +184,7 @@ class _CompiledSelects:
             },
         )
         with self._lock:
-            self._compiled[id(statement)] = made
+            self._compiled[statement] = made
             while len(self._compiled) > self._capacity:
                 self._compiled.popitem(last=False)
         return made if plain else None

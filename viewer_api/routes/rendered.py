@@ -17,7 +17,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import Response
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -320,8 +321,8 @@ class RenderedLane:
     the routes above answer it, without FastAPI's middleware, routing and dependency
     resolution: they cost 0.4 to 0.6 ms of a first rendering's 3 to 5 ms with the
     processor's caches cold, as they are between a viewer's requests
-    (bench/README.md, "Rendering latency"). Errors are answered as FastAPI's handlers
-    answer them (`{"detail": ...}`, and 503 when the index does not answer)."""
+    (bench/README.md, "Rendering latency"). Errors are answered by the handlers FastAPI
+    would use (its own for HTTPException, `index_unavailable` for the index)."""
 
     def __init__(self, app: ASGIApp, api: FastAPI) -> None:
         self.app = app
@@ -347,9 +348,7 @@ class RenderedLane:
                 services, caller, request, _uids(parameters), frame, thumbnail
             )
         except HTTPException as exc:
-            response = JSONResponse(
-                {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
-            )
+            response = await http_exception_handler(request, exc)
         except (IndexUnavailable, SQLAlchemyError) as exc:
             response = await index_unavailable(request, exc)
         await response(scope, receive, send)
