@@ -123,13 +123,6 @@ class PixelLayout:
         thousand (each unpickled copy took 1.7 KB, shared 0.35)."""
         return replace(self, display=_one_of(self.display))
 
-    def attributes(self) -> Dataset:
-        """The display attributes as a data set, as the renderer reads them."""
-        ds = Dataset()
-        for tag, vr, value in self.display:
-            ds.add_new(tag, vr, value)
-        return ds
-
 
 @functools.lru_cache(maxsize=4096)
 def _one_of(display: tuple[tuple[int, str, str | int], ...]) -> tuple:

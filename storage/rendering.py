@@ -13,6 +13,7 @@ through its LUT; YBR is converted to RGB once, by the decoder. Overlays are left
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import math
 from collections.abc import Callable
@@ -140,27 +141,106 @@ def render_laid_out(
     data: bytes, layout: PixelLayout, number: int | None, rendering: Rendering
 ) -> bytes:
     """What `render` gives for frame `number` of the stored object `data`, whose frames
-    `layout` (read at ingest) locates: no parsing, the frame's samples read in place."""
+    `layout` (read at ingest) locates: no parsing, the frame's samples read in place, and
+    a grey frame shown through a table kept for its display attributes (`_table`)."""
     number = _frame_in_range(number, layout.number_of_frames)
-    kind = "i" if layout.signed else "u"
     try:
         samples = np.frombuffer(
             data,
-            np.dtype(f"<{kind}{layout.bits_allocated // 8}"),
+            np.dtype(f"<u{layout.bits_allocated // 8}"),
             layout.rows * layout.columns * layout.samples_per_pixel,
             layout.offset + (number - 1) * layout.frame_bytes,
         )
-        attributes = layout.attributes()
-    except Exception as exc:  # bytes shorter than the layout, attributes pydicom refuses
+    except ValueError as exc:  # bytes shorter than the layout says
         raise Undecodable(f"frame {number} cannot be read: {exc}") from exc
     shape = (layout.rows, layout.columns)
-    pixels = samples.reshape(shape if layout.samples_per_pixel == 1 else (*shape, 3))
-    unused = layout.bits_allocated - layout.bits_stored
-    if unused and layout.signed:  # the sign is bit BitsStored - 1 (PS3.5 8.1.1)
-        pixels = (pixels << unused) >> unused
-    elif unused:  # bits above BitsStored are not the value (overlays, once)
-        pixels = pixels & ((1 << layout.bits_stored) - 1)
-    return _shown(attributes, pixels, number, rendering)
+    if layout.samples_per_pixel == 3:
+        attributes = _display_attributes(layout.display)
+        return _shown(attributes, samples.reshape(*shape, 3), number, rendering)
+    patterns = samples.reshape(shape)
+    if layout.bits_stored < layout.bits_allocated:  # bits above BitsStored are not the value
+        patterns = patterns & ((1 << layout.bits_stored) - 1)
+    try:
+        grey = _laid_out_grey(layout, patterns, rendering.window)
+    except Exception as exc:  # attributes the pipeline needs are malformed
+        raise Undecodable(f"frame {number} cannot be rendered: {exc}") from exc
+    return encode(grey, rendering)
+
+
+@functools.lru_cache(maxsize=1024)
+def _display_attributes(display: tuple) -> Dataset:
+    """A layout's display attributes as a data set, made once for each distinct set (a
+    series' instances share theirs, `PixelLayout.shared`). Read, never changed."""
+    ds = Dataset()
+    for tag, vr, value in display:
+        ds.add_new(tag, vr, value)
+    return ds
+
+
+@dataclass(frozen=True, eq=False)
+class _StoredValues:
+    """Every value a laid-out grey sample can hold, by bit pattern (the sample masked to
+    Bits Stored bits, read unsigned), with what the pipeline makes of each: a frame's
+    samples then index tables over these patterns, with no arithmetic per pixel."""
+
+    frame: Dataset  # the display attributes
+    stored: np.ndarray  # the stored value of each pattern, its sign applied
+    modality: np.ndarray  # the Modality LUT of each, as floats
+    padding: np.ndarray | None  # which patterns are padding
+    monochrome1: bool
+    window_from_pixels: bool  # no stored window nor VOI LUT: a frame's own pixels set it
+
+    @functools.cached_property
+    def order(self) -> np.ndarray:
+        """`modality`'s ascending order, for the percentiles of a window from pixels."""
+        return np.argsort(self.modality, kind="stable")
+
+
+@functools.lru_cache(maxsize=64)
+def _stored_values(display: tuple, signed: bool, bits_stored: int) -> _StoredValues:
+    frame = _display_attributes(display)
+    patterns = np.arange(1 << bits_stored)
+    stored = patterns - (patterns >> (bits_stored - 1) << bits_stored) if signed else patterns
+    padding = _padding_range(frame)
+    return _StoredValues(
+        frame=frame,
+        stored=stored,
+        modality=apply_modality_lut(stored, frame).astype(np.float64),
+        padding=None if padding is None else (stored >= padding[0]) & (stored <= padding[1]),
+        monochrome1=str(frame.PhotometricInterpretation).strip() == "MONOCHROME1",
+        window_from_pixels=not frame.get("VOILUTSequence") and _stored_window(frame) is None,
+    )
+
+
+# Tables kept, by display attributes and window: 256 to 65,536 bytes each.
+TABLES_KEPT = 128
+
+
+@functools.lru_cache(maxsize=TABLES_KEPT)
+def _table(display: tuple, signed: bool, bits_stored: int, window: Window | None) -> np.ndarray:
+    """The 8-bit grey of every bit pattern through `window`, or through what the attributes
+    hold when None: what `displayed` gives each value, padding black."""
+    values = _stored_values(display, signed, bits_stored)
+    table = _grey(values.frame, values.stored, window, None, values.monochrome1)
+    if values.padding is not None:
+        table[values.padding] = 0
+    table.flags.writeable = False  # shared by every rendering that uses it
+    return table
+
+
+def _laid_out_grey(layout: PixelLayout, patterns: np.ndarray, window: Window | None) -> np.ndarray:
+    """A laid-out grey frame's samples (bit patterns) as 8-bit grey, as `displayed` shows
+    them: a window from the pixels is the one `_robust_window` takes from the same
+    (sub-sampled) histogram."""
+    key = (layout.display, layout.signed, layout.bits_stored)
+    values = _stored_values(*key)
+    if window is None and values.window_from_pixels:
+        step = max(1, math.isqrt(patterns.size // WINDOW_SAMPLES))
+        counts = np.bincount(patterns[::step, ::step].ravel(), minlength=values.stored.size)
+        if values.padding is not None:
+            counts[values.padding] = 0
+        window = _robust_window(values.modality, counts, values.order)
+    return np.take(_table(*key, window), patterns, mode="clip")
 
 
 def _frame_in_range(number: int | None, count: int) -> int:
@@ -306,46 +386,71 @@ def _stored_or_robust_window(
 ) -> Window:
     """The first stored window, else one over the bulk of the non-padding pixels: `values`
     (Modality LUT output) each as often as `histogram()` counts it, or each once."""
-    if "WindowCenter" in frame and "WindowWidth" in frame:
-        function = str(frame.get("VOILUTFunction", "LINEAR") or "LINEAR").strip()
-        try:
-            known = function in WindowFunction.__members__
-            return Window(
-                _first(frame.WindowCenter),
-                _first(frame.WindowWidth),
-                WindowFunction(function) if known else WindowFunction.LINEAR,
-            )
-        except (TypeError, ValueError):
-            pass  # a malformed stored window: fall back to the pixels
-    if histogram is None:
+    stored = _stored_window(frame)
+    if stored is not None:
+        return stored
+    return _robust_window(values, None if histogram is None else histogram())
+
+
+def _stored_window(frame: Dataset) -> Window | None:
+    """The first stored window, None when there is none or it is malformed."""
+    if "WindowCenter" not in frame or "WindowWidth" not in frame:
+        return None
+    function = str(frame.get("VOILUTFunction", "LINEAR") or "LINEAR").strip()
+    try:
+        known = function in WindowFunction.__members__
+        return Window(
+            _first(frame.WindowCenter),
+            _first(frame.WindowWidth),
+            WindowFunction(function) if known else WindowFunction.LINEAR,
+        )
+    except (TypeError, ValueError):
+        return None  # a malformed stored window: the pixels set it
+
+
+def _robust_window(
+    values: np.ndarray, counts: np.ndarray | None, order: np.ndarray | None = None
+) -> Window:
+    """A window over the 0.5th to 99.5th percentile of `values`, each as often as `counts`
+    says (each once when None). `order`: `values`' stable ascending order, when known."""
+    if counts is None:
         if values.size == 0:
             return Window(0.0, 1.0)
         low, high = np.percentile(values, ROBUST_PERCENTILES)
     else:
-        counts = histogram()
         if not counts.any():
             return Window(0.0, 1.0)
-        low, high = _weighted_percentiles(values, counts, ROBUST_PERCENTILES)
+        low, high = _weighted_percentiles(values, counts, ROBUST_PERCENTILES, order)
     if high <= low:
         return Window(float(low), 1.0)
     return Window((low + high) / 2.0 + 0.5, float(high - low) + 1.0)
 
 
 def _weighted_percentiles(
-    values: np.ndarray, counts: np.ndarray, percentiles: tuple[float, ...]
+    values: np.ndarray,
+    counts: np.ndarray,
+    percentiles: tuple[float, ...],
+    order: np.ndarray | None = None,
 ) -> list[float]:
     """What `np.percentile` (linear method) gives for the array holding each of `values`
-    `counts` times, without making that array: from the cumulative counts."""
-    order = np.argsort(values, kind="stable")
+    `counts` times, without making that array: from the cumulative counts, interpolated
+    as numpy does (from the upper value when nearer it). `order`: `values`' stable
+    ascending order, when known."""
+    if order is None:
+        order = np.argsort(values, kind="stable")
     ordered, cumulative = values[order], np.cumsum(counts[order])
     last = int(cumulative[-1]) - 1
     found = []
     for percentile in percentiles:
         rank = percentile / 100.0 * last
         below, above = math.floor(rank), math.ceil(rank)
-        at_below = ordered[np.searchsorted(cumulative, below, side="right")]
-        at_above = ordered[np.searchsorted(cumulative, above, side="right")]
-        found.append(float(at_below + (at_above - at_below) * (rank - below)))
+        at_below = float(ordered[np.searchsorted(cumulative, below, side="right")])
+        at_above = float(ordered[np.searchsorted(cumulative, above, side="right")])
+        fraction = rank - below
+        if fraction >= 0.5:
+            found.append(at_above - (at_above - at_below) * (1 - fraction))
+        else:
+            found.append(at_below + (at_above - at_below) * fraction)
     return found
 
 

@@ -34,6 +34,7 @@ from storage.rendering import (
     Rendering,
     Undecodable,
     Window,
+    WindowFunction,
     displayed,
     render,
     render_laid_out,
@@ -503,6 +504,19 @@ def _variant(name: str, tmp_path: Path) -> Path:
         ds.PixelPaddingValue, ds.PixelData = 7, raw.tobytes() + b"\0"  # odd length, padded
         ds["PixelData"].VR = "OB"
         syntax = ImplicitVRLittleEndian
+    elif name == "signed 16 of 16, padding range, no window":
+        values = rng.integers(-32768, 32768, (24, 36)).astype(np.int16)
+        values[:4] = -2000 - np.arange(36, dtype=np.int16)  # padding, within the range
+        ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit = 24, 36, 16, 15
+        ds.PixelRepresentation, ds.PixelData = 1, values.tobytes()
+        ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = -2000, -2100
+        ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-20"
+    elif name == "MONOCHROME1, stored sigmoid window":
+        raw = rng.integers(0, 1024, (30, 30)).astype(np.uint16)
+        ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit = 30, 30, 10, 9
+        ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME1"
+        ds.PixelData = raw.tobytes()
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = ["500", "80"], ["300", "20"], "SIGMOID"
     elif name == "three grey frames":
         frames = rng.integers(0, 3000, (3, 20, 24)).astype(np.int16)
         ds.Rows, ds.Columns, ds.NumberOfFrames = 20, 24, 3
@@ -525,6 +539,8 @@ def _variant(name: str, tmp_path: Path) -> Path:
         "signed 12 of 16, high bits set",
         "unsigned 12 of 16, high bits set",
         "MONOCHROME1, 8 bits, padded, implicit VR",
+        "signed 16 of 16, padding range, no window",
+        "MONOCHROME1, stored sigmoid window",
         "three grey frames",
         "RGB, two frames",
     ],
@@ -532,13 +548,20 @@ def _variant(name: str, tmp_path: Path) -> Path:
 def test_a_frame_read_by_its_layout_renders_as_pydicom_decodes_it(name, tmp_path) -> None:
     """The pixel layout read at ingest locates every frame in the stored bytes: each frame
     rendered from it is, byte for byte, the image pydicom's own decoding gives, with the
-    stored window, a requested one and a viewport; a frame outside the object is refused
-    the same way, and bytes cut short are undecodable, not a server error."""
+    stored window, requested ones of each function and a viewport; a frame outside the
+    object is refused the same way, and bytes cut short are undecodable, not a server
+    error. Each rendering twice: the second from the tables the first left."""
     path = _variant(name, tmp_path)
     layout = read_header(path).pixels
     assert layout is not None
     data = path.read_bytes()
-    for rendering in (Rendering("image/png"), Rendering("image/png", (8, 8), Window(100, 900))):
+    renderings = [
+        Rendering("image/png"),
+        Rendering("image/png", (8, 8), Window(100, 900)),
+        Rendering("image/png", None, Window(-30.5, 0.5, WindowFunction.LINEAR_EXACT)),
+        Rendering("image/png", None, Window(200, 700, WindowFunction.SIGMOID)),
+    ]
+    for rendering in renderings * 2:
         for number in range(1, layout.number_of_frames + 1):
             expected = render(io.BytesIO(data), number, rendering, in_memory=True)
             assert render_laid_out(data, layout, number, rendering) == expected
