@@ -7,6 +7,7 @@ DO NOTHING and read back: the first writer's attributes win, nobody fails on a r
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -218,6 +219,10 @@ class Index:
         self._insert = sqlite.insert if self.is_sqlite else postgresql.insert
         self._known = _KnownRows()
         self._compiled = _CompiledSelects(self.engine)
+        self._own = threading.local()  # SQLite: each thread's connection for `rows`
+        self._detached: list[sqlite3.Connection] = []
+        self._generation = 0  # of the connections kept: `dispose` closes them all
+        self._lock = threading.Lock()
 
     def session(self) -> Session:
         return self._sessions()
@@ -232,12 +237,6 @@ class Index:
         except SQLAlchemyError as exc:
             raise IndexUnavailable(f"the index did not answer: {exc}"[:300]) from exc
 
-    def reads_locally(self) -> bool:
-        """Whether a lookup now waits for nothing: SQLite (pages of a local file, which
-        writers do not block in WAL mode) with a pooled connection idle (none to open).
-        PostgreSQL is a network round trip away, and can stall."""
-        return self.is_sqlite and self.engine.pool.checkedin() > 0
-
     def rows(self, statement: Executable, values: dict[str, object]) -> list[tuple]:
         """The rows of a select of plain columns (text and numbers: the driver's values,
         without SQLAlchemy's result processing), run on the driver's own connection with
@@ -249,6 +248,8 @@ class Index:
         if compiled is None:
             with self.reading() as connection:
                 return [tuple(row) for row in connection.execute(statement, values)]
+        if self.is_sqlite:
+            return self._sqlite_rows(compiled.sql, compiled.parameters(values))
         driver_error = self.engine.dialect.loaded_dbapi.Error
         try:
             connection = self.engine.raw_connection()
@@ -267,6 +268,45 @@ class Index:
             if cursor is not None:
                 cursor.close()
             connection.close()  # back to the pool, its transaction rolled back
+
+    def _sqlite_rows(self, sql: str, parameters: tuple | dict[str, object]) -> list[tuple]:
+        """`rows` on SQLite: on this thread's own connection, taken from the pool once and
+        kept. A pool's checkout and return cost a third of a lookup by UIDs with the
+        processor's caches cold; a SQLite connection is only a file handle. A select
+        opens no transaction (the driver begins one before writes only), so each sees
+        what is committed when it runs."""
+        connection = self._own_connection()
+        try:
+            if connection is None:
+                pooled = self.engine.raw_connection()
+                pooled.detach()  # the pool forgets it: closed by `dispose`
+                connection = pooled.dbapi_connection
+                with self._lock:
+                    self._detached.append(connection)
+                    self._own.kept = (self._generation, connection)
+            cursor = connection.execute(sql, parameters)
+            try:
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+                if connection.in_transaction:
+                    connection.rollback()
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            raise IndexUnavailable(f"the index did not answer: {exc}"[:300]) from exc
+
+    def reads_locally(self) -> bool:
+        """Whether a lookup now waits for nothing: SQLite (pages of a local file, which
+        writers do not block in WAL mode) with this thread's connection kept
+        (`_sqlite_rows`) or a pooled one idle (none to open). PostgreSQL is a network
+        round trip away, and can stall."""
+        return self.is_sqlite and (
+            self._own_connection() is not None or self.engine.pool.checkedin() > 0
+        )
+
+    def _own_connection(self) -> sqlite3.Connection | None:
+        """This thread's SQLite connection for `rows`, unless `dispose` closed it."""
+        generation, connection = getattr(self._own, "kept", (None, None))
+        return connection if generation == self._generation else None
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (called at every start)."""
@@ -289,6 +329,11 @@ class Index:
             raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
 
     def dispose(self) -> None:
+        with self._lock:
+            detached, self._detached = self._detached, []
+            self._generation += 1
+        for connection in detached:
+            connection.close()
         self.engine.dispose()
 
     def find(self, sop_instance_uid: str) -> StoredInstance | None:

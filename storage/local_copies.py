@@ -65,12 +65,12 @@ class LocalCopies:
                 self._sizes.move_to_end(sha256)
         if mine:
             try:
-                return (self.directory / sha256).read_bytes()
+                return _read(os.path.join(self.directory, sha256))
             except OSError:
                 self._forget(sha256)
         for directory in self.others:
             try:
-                return (directory / sha256).read_bytes()
+                return _read(os.path.join(directory, sha256))
             except OSError:
                 continue  # none there, or evicted by its keeper meanwhile
         return None
@@ -125,3 +125,11 @@ class LocalCopies:
                 digest, size = self._sizes.popitem(last=False)
                 self._total -= size
             (self.directory / digest).unlink(missing_ok=True)
+
+
+def _read(path: str) -> bytes:
+    """A file's bytes, unbuffered: `Path.read_bytes`, with its path object and buffered
+    reader, took 190 µs instead of 130 to read a 128 KB copy with the processor's caches
+    cold."""
+    with open(path, "rb", buffering=0) as handle:
+        return handle.readall()

@@ -132,14 +132,20 @@ class Renditions:
         self._keeper: threading.Thread | None = None  # started with the first rendition
 
     def rendered(
-        self, item: Located, frame: int | None, rendering: Rendering, here: bool = False
+        self,
+        item: Located,
+        frame: int | None,
+        rendering: Rendering,
+        here: bool = False,
+        key: str | None = None,
     ) -> Rendition:
         """Frame `frame` (1-based; None: the middle one) of `item`, rendered. `here`: only
         from memory, or as a JPEG from a local copy of at most `HERE_OBJECT_BYTES` whose
-        pixel layout is known (for an event loop, which must not wait).
+        pixel layout is known (for an event loop, which must not wait). `key`: its
+        `rendition_key`, when the caller has it.
 
         FrameNotFound, Undecodable (storage.rendering), ObjectStoreUnavailable; NotHere."""
-        key = rendition_key(item, frame, rendering)
+        key = key or rendition_key(item, frame, rendering)
         self._asked_at = time.monotonic()
         data = self._recall(key)
         if data is not None:

@@ -183,13 +183,12 @@ def _image(
     assert renditions is not None  # Services makes one
     held = request.headers.get("if-none-match", "")
     for position, item in enumerate(candidates):
-        etag = (
-            f'"{hashlib.sha256(rendition_key(item, frame, rendering).encode()).hexdigest()[:32]}"'
-        )
+        key = rendition_key(item, frame, rendering)
+        etag = f'"{hashlib.sha256(key.encode()).hexdigest()[:32]}"'
         if etag in held:
             return None, etag
         try:
-            rendition = renditions.rendered(item, frame, rendering, here)
+            rendition = renditions.rendered(item, frame, rendering, here, key)
             metrics.RENDITIONS.labels("cached" if rendition.cached else "rendered").inc()
             return rendition.data, etag
         except FrameNotFound as exc:
