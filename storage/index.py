@@ -220,7 +220,9 @@ class Index:
         self._known = _KnownRows()
         self._compiled = _CompiledSelects(self.engine)
         self._own = threading.local()  # SQLite: each thread's connection for `rows`
-        self._detached: list[sqlite3.Connection] = []
+        # Those connections, with their threads: closed once their thread has ended (an
+        # HTTP worker thread ends after 10 s idle), or by `dispose`.
+        self._detached: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._generation = 0  # of the connections kept: `dispose` closes them all
         self._lock = threading.Lock()
 
@@ -279,11 +281,15 @@ class Index:
         try:
             if connection is None:
                 pooled = self.engine.raw_connection()
-                pooled.detach()  # the pool forgets it: closed by `dispose`
+                pooled.detach()  # the pool forgets it: closed here once the thread ends
                 connection = pooled.dbapi_connection
                 with self._lock:
-                    self._detached.append(connection)
+                    ended = [c for thread, c in self._detached if not thread.is_alive()]
+                    self._detached = [(t, c) for t, c in self._detached if t.is_alive()]
+                    self._detached.append((threading.current_thread(), connection))
                     self._own.kept = (self._generation, connection)
+                for old in ended:
+                    old.close()
             cursor = connection.execute(sql, parameters)
             try:
                 return cursor.fetchall()
@@ -332,7 +338,7 @@ class Index:
         with self._lock:
             detached, self._detached = self._detached, []
             self._generation += 1
-        for connection in detached:
+        for _, connection in detached:
             connection.close()
         self.engine.dispose()
 

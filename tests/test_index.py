@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from dataclasses import replace
 from datetime import date
@@ -14,6 +16,7 @@ from storage import layout
 from storage.header import InstanceHeader
 from storage.index import Index, Origin
 from storage.models import Base, Instance, Patient, Study
+from storage.query import Query, QueryLevel, Viewer, locate
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.1.1"
@@ -258,3 +261,45 @@ def test_counts(index: Index) -> None:
     )
     assert record(index, issuer)
     assert index.counts() == {"patients": 3, "studies": 3, "series": 3, "instances": 5}
+
+
+def test_sqlite_lookups_see_each_commit_and_ended_threads_close_their_files(tmp_path) -> None:
+    """Lookups by UID run on a SQLite connection of each thread's own (`Index.rows`): one
+    made after a connection opened still sees every instance recorded since, and the
+    connections of threads that have ended are closed, so an archive whose HTTP worker
+    threads come and go does not run out of file handles."""
+    path = tmp_path / "index.sqlite3"
+    index = Index(f"sqlite:///{path}")
+    index.migrate()
+
+    def found(uid: str) -> int:
+        query = Query(QueryLevel.IMAGE, {"SOPInstanceUID": uid})
+        return len(locate(index, query, Viewer.archive()))
+
+    def open_files() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+                count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        return count
+
+    assert found("1.2.3.51") == 0
+    record(index, header("1.2.3.51"))
+    assert found("1.2.3.51") == 1  # on the connection that answered before the commit
+    results: list[int] = []
+    open_after = []
+    for _ in range(5):
+        threads = [
+            threading.Thread(target=lambda: results.append(found("1.2.3.51"))) for _ in range(20)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        open_after.append(open_files())
+    assert results == [1] * 100
+    # SQLite holds a closed connection's descriptor while others lock the file, and
+    # reuses it: a few more than after the first round, not 20 more each round.
+    assert max(open_after) < open_after[0] + 20
+    index.dispose()
+    assert open_files() == 0
