@@ -8,6 +8,8 @@ the frame's functional groups in enhanced objects); then the VOI: the requested 
 else the VOI LUT Sequence, else the first stored window, else a window over the 0.5th to
 99.5th percentile of the non-padding pixels; MONOCHROME1 is inverted; PALETTE COLOR goes
 through its LUT; YBR is converted to RGB once, by the decoder. Overlays are left off.
+A video (MPEG-2, H.264, HEVC) is the exception to "only that frame": FFmpeg decodes its
+stream from the start to the frame, as each frame is made from those before it.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import av
 import imagecodecs
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -34,11 +38,16 @@ from pydicom.pixels import (
     pixel_array,
 )
 from pydicom.tag import Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, MPEGTransferSyntaxes
 
 from storage.frames import FrameNotFound, number_of_frames
 from storage.header import DISPLAY_KEYWORDS, PixelLayout
 
+# Video (PS3.5 8.2.5 to 8.2.7, 8.2.14): MPEG-2, H.264 and HEVC streams, decoded by FFmpeg.
+VIDEO = frozenset(MPEGTransferSyntaxes)
+# A video is read whole to render a frame (FFmpeg decodes it from the start): larger ones
+# are refused with a reason rather than held in the HTTP process's memory.
+VIDEO_BYTES_AT_MOST = 512 * 1024 * 1024
 # Encodings a rendered resource can be asked for (PS3.18 8.7.4), by media type.
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 DEFAULT_QUALITY = 90
@@ -123,6 +132,17 @@ def render(
         raise FrameNotFound("the instance holds no image")
     number = _frame_in_range(number, number_of_frames(header))
     syntax = header.file_meta.get("TransferSyntaxUID", "unknown")
+    if syntax in VIDEO:
+        if not in_memory:
+            size = source.seek(0, io.SEEK_END)
+            if size > VIDEO_BYTES_AT_MOST:
+                raise Undecodable(
+                    f"a video of {size >> 20} MB: more than the {VIDEO_BYTES_AT_MOST >> 20} MB"
+                    " rendered (it is decoded from its start, in memory)"
+                )
+            source.seek(0)
+        pixels = _video_frame(header if in_memory else _whole(source), number)
+        return _shown(header, pixels, number, rendering)
     try:
         if in_memory or deflated:  # deflated: one stream, inflated whole by pydicom
             if not in_memory:
@@ -136,6 +156,30 @@ def render(
     except Exception as exc:  # every codec failure is the same answer: cannot decode
         raise Undecodable(f"frame {number} ({syntax}) cannot be decoded: {exc}") from exc
     return _shown(header, pixels, number, rendering)
+
+
+def _whole(source: BinaryIO) -> Dataset:
+    try:
+        return dcmread(source)
+    except Exception as exc:
+        raise Undecodable(f"the instance cannot be read: {exc}") from exc
+
+
+def _video_frame(ds: Dataset, number: int) -> np.ndarray:
+    """Frame `number` of a video object as RGB: its pixel data is one MPEG-2, H.264 or HEVC
+    stream (in one item, or split across several), decoded by FFmpeg through PyAV from its
+    start, as a video's frames are made from the ones before them."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        stream = b"".join(generate_frames(ds.PixelData, number_of_frames=1))
+        with av.open(io.BytesIO(stream)) as container:
+            for position, frame in enumerate(container.decode(video=0), start=1):
+                if position == number:
+                    return frame.to_ndarray(format="rgb24")
+    except Exception as exc:  # FFmpeg's errors, or items that do not parse
+        reason = f"frame {number} of the video ({syntax}) cannot be decoded: {exc}"
+        raise Undecodable(reason) from exc
+    raise Undecodable(f"the video ({syntax}) ends before frame {number}")
 
 
 def render_laid_out(

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import httpx
 import imagecodecs
 import numpy as np
@@ -23,8 +24,17 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import HTJ2KLossless, ImplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import (
+    HEVCMP51,
+    MPEG2MPML,
+    MPEG2MPMLF,
+    MPEG4HP41,
+    HTJ2KLossless,
+    ImplicitVRLittleEndian,
+    VideoPhotographicImageStorage,
+    generate_uid,
+)
 
 from storage.frames import FrameNotFound
 from storage.header import read_header
@@ -752,3 +762,85 @@ def test_renditions_reach_the_bucket_when_requests_pause(objects) -> None:
     assert objects.get(kept[0]) == first.data
     # A new process (nothing in memory) is served from the bucket without decoding.
     assert Renditions(objects).rendered(item, 1, Rendering()) == Rendition(first.data, True)
+
+
+def _video(syntax: str, codec: str, container: str, name: str, frames: int = 8) -> Dataset:
+    """A Video Photographic Image of `frames` frames, encoded by FFmpeg (PyAV) as
+    `syntax` needs: a grey field that brightens by 25 a frame from 20, with a red box.
+    Its UIDs are `name`'s."""
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as video:
+        stream = video.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 176, 144, "yuv420p"
+        if codec == "libx265":
+            stream.options = {"x265-params": "log-level=error"}
+        for number in range(frames):
+            picture = np.full((144, 176, 3), 20 + 25 * number, np.uint8)
+            picture[10:40, 10:60] = (220, 30, 30)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                video.mux(packet)
+        for packet in stream.encode():
+            video.mux(packet)
+    ds = small_ct(number=1, seed=f"video {name}")
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        ds.pop(keyword, None)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = VideoPhotographicImageStorage
+    ds.Modality = "XC"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 144, 176, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 3, "YBR_PARTIAL_420"
+    ds.PlanarConfiguration, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 0, 8, 8, 7
+    ds.PixelRepresentation, ds.FrameTime, ds.CineRate = 0, "40", 25
+    ds.FrameIncrementPointer = 0x00181063
+    ds.PixelData = encapsulate([out.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("syntax", "codec", "container"),
+    [
+        (MPEG2MPML, "mpeg2video", "mpeg2video"),
+        (MPEG2MPMLF, "mpeg2video", "mpeg"),  # a program stream, in fragments
+        (MPEG4HP41, "libx264", "h264"),
+        (HEVCMP51, "libx265", "hevc"),
+    ],
+)
+def test_video_frames_render(stored, syntax: str, codec: str, container: str) -> None:
+    """MPEG-2, H.264 and HEVC video (encoded here by FFmpeg): the frame asked for, in
+    colour, with its own brightness; the thumbnail is the middle frame; a frame past the
+    end is a 404."""
+    archive, _ = stored
+    ds = _video(syntax, codec, container, name=syntax)
+    if syntax == MPEG2MPMLF:  # a fragmentable syntax: the stream split across items
+        stream = b"".join(generate_frames(ds.PixelData, number_of_frames=1))
+        ds.PixelData = encapsulate([stream[:1000], stream[1000:3000], stream[3000:]])
+    path = store(archive, ds)
+    fifth = image(get(archive, path + "/frames/5/rendered"))
+    assert abs(float(fifth[60:140, 80:170].mean()) - 120) < 6
+    red, green, blue = (float(fifth[15:35, 15:55, c].mean()) for c in range(3))
+    assert red > 180 and green < 70 and blue < 70
+    middle = image(get(archive, path + "/thumbnail"))  # frame 4 of 8
+    assert abs(float(middle[40:90, 60:120].mean()) - 95) < 6
+    assert abs(float(image(get(archive, path + "/rendered"))[60:140, 80:170].mean()) - 20) < 6
+    past = get(archive, path + "/frames/9/rendered")
+    assert past.status_code == 404, past.text
+
+
+def test_a_damaged_or_short_video_is_a_415_and_the_archive_goes_on(stored) -> None:
+    """A stream that is not video, and one that ends before the frame asked for (3 frames
+    where 8 are declared): a reason, not a server error."""
+    archive, paths = stored
+    noise = _video(MPEG4HP41, "libx264", "h264", name="noise")
+    noise.PixelData = encapsulate([np.random.default_rng(5).bytes(4000)])
+    response = get(archive, store(archive, noise) + "/rendered")
+    assert response.status_code == 415, response.text
+    assert "video" in response.json()["detail"]
+    short = _video(MPEG4HP41, "libx264", "h264", name="short", frames=3)
+    short.NumberOfFrames = 8
+    path = store(archive, short)
+    assert get(archive, path + "/frames/3/rendered").status_code == 200
+    response = get(archive, path + "/frames/8/rendered")
+    assert response.status_code == 415, response.text
+    assert "ends before frame 8" in response.json()["detail"]
+    assert get(archive, paths["CT_small.dcm"] + "/rendered").status_code == 200
