@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import generate_frames, get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -38,16 +38,20 @@ from pydicom.pixels import (
     pixel_array,
 )
 from pydicom.tag import Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian, MPEGTransferSyntaxes
+from pydicom.uid import (
+    JPEG2000MC,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000MCLossless,
+    MPEGTransferSyntaxes,
+)
 
 from storage.frames import FrameNotFound, number_of_frames
 from storage.header import DISPLAY_KEYWORDS, PixelLayout
 
-# Video (PS3.5 8.2.5 to 8.2.7, 8.2.14): MPEG-2, H.264 and HEVC streams, decoded by FFmpeg.
-VIDEO = frozenset(MPEGTransferSyntaxes)
-# A video is read whole to render a frame (FFmpeg decodes it from the start): larger ones
-# are refused with a reason rather than held in the HTTP process's memory.
-VIDEO_BYTES_AT_MOST = 512 * 1024 * 1024
+# Instances in a syntax pydicom has no decoder for (`_DECODED_HERE`) are read whole to
+# render a frame (a video is decoded from its start): larger ones are refused with a
+# reason rather than held in the HTTP process's memory.
+READ_WHOLE_AT_MOST = 512 * 1024 * 1024
 # Encodings a rendered resource can be asked for (PS3.18 8.7.4), by media type.
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 DEFAULT_QUALITY = 90
@@ -132,16 +136,17 @@ def render(
         raise FrameNotFound("the instance holds no image")
     number = _frame_in_range(number, number_of_frames(header))
     syntax = header.file_meta.get("TransferSyntaxUID", "unknown")
-    if syntax in VIDEO:
+    decode = _DECODED_HERE.get(syntax)
+    if decode is not None:  # syntaxes pydicom has no decoder for
         if not in_memory:
             size = source.seek(0, io.SEEK_END)
-            if size > VIDEO_BYTES_AT_MOST:
+            if size > READ_WHOLE_AT_MOST:
                 raise Undecodable(
-                    f"a video of {size >> 20} MB: more than the {VIDEO_BYTES_AT_MOST >> 20} MB"
-                    " rendered (it is decoded from its start, in memory)"
+                    f"an instance of {size >> 20} MB in {syntax}: more than the"
+                    f" {READ_WHOLE_AT_MOST >> 20} MB rendered (it is decoded in memory)"
                 )
             source.seek(0)
-        pixels = _video_frame(header if in_memory else _whole(source), number)
+        pixels = decode(header if in_memory else _whole(source), number)
         return _shown(header, pixels, number, rendering)
     try:
         if in_memory or deflated:  # deflated: one stream, inflated whole by pydicom
@@ -180,6 +185,26 @@ def _video_frame(ds: Dataset, number: int) -> np.ndarray:
         reason = f"frame {number} of the video ({syntax}) cannot be decoded: {exc}"
         raise Undecodable(reason) from exc
     raise Undecodable(f"the video ({syntax}) ends before frame {number}")
+
+
+def _jpeg_2000_part_2_frame(ds: Dataset, number: int) -> np.ndarray:
+    """Frame `number` of a JPEG 2000 Part 2 (multi-component) object, by OpenJPEG through
+    imagecodecs, which applies the codestream's component transform."""
+    try:
+        frame = get_frame(ds.PixelData, number - 1, number_of_frames=number_of_frames(ds))
+        return imagecodecs.jpeg2k_decode(frame)
+    except Exception as exc:  # OpenJPEG's errors, or items that do not parse
+        syntax = ds.file_meta.TransferSyntaxUID
+        raise Undecodable(f"frame {number} ({syntax}) cannot be decoded: {exc}") from exc
+
+
+# Decoders of syntaxes pydicom has none for, by transfer syntax: video (PS3.5 8.2.5 to
+# 8.2.7, 8.2.14) and JPEG 2000 Part 2 (8.2.4).
+_DECODED_HERE: dict[str, Callable[[Dataset, int], np.ndarray]] = {
+    **dict.fromkeys(MPEGTransferSyntaxes, _video_frame),
+    JPEG2000MC: _jpeg_2000_part_2_frame,
+    JPEG2000MCLossless: _jpeg_2000_part_2_frame,
+}
 
 
 def render_laid_out(

@@ -27,11 +27,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     HEVCMP51,
+    JPEG2000MC,
     MPEG2MPML,
     MPEG2MPMLF,
     MPEG4HP41,
     HTJ2KLossless,
     ImplicitVRLittleEndian,
+    JPEG2000MCLossless,
     VideoPhotographicImageStorage,
     generate_uid,
 )
@@ -426,6 +428,31 @@ def test_htj2k_renders_as_the_same_image_uncompressed(stored) -> None:
     htj2k = image(get(archive, store(archive, ds) + "/rendered", window="40,400"))
     original = image(get(archive, paths["CT_small.dcm"] + "/rendered", window="40,400"))
     assert np.array_equal(htj2k, original)
+
+
+@pytest.mark.parametrize(
+    ("name", "syntax"), [("CT_small.dcm", JPEG2000MCLossless), ("SC_rgb.dcm", JPEG2000MC)]
+)
+def test_jpeg_2000_part_2_renders_as_the_same_image_uncompressed(stored, name, syntax) -> None:
+    """The JPEG 2000 Part 2 (multi-component) syntaxes, which pydicom has no decoder for:
+    a codestream encoded here with imagecodecs (losslessly, the colour one with its
+    component transform) renders as the uncompressed original."""
+    archive, paths = stored
+    ds = dcmread(get_testdata_file(name))
+    original = ds.pixel_array
+    colour = original.ndim == 3
+    ds.PixelData = encapsulate([imagecodecs.jpeg2k_encode(original, level=0, mct=colour)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = syntax
+    if colour:
+        ds.PhotometricInterpretation = "YBR_RCT"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    rendered = image(get(archive, store(archive, ds) + "/rendered", window="40,400"))
+    if colour:
+        assert np.array_equal(rendered, original)
+    else:
+        expected = image(get(archive, paths[name] + "/rendered", window="40,400"))
+        assert np.array_equal(rendered, expected)
 
 
 def test_pixel_padding_is_left_black(stored) -> None:
