@@ -164,6 +164,7 @@ def render(
 
 
 def _whole(source: BinaryIO) -> Dataset:
+    """The whole object in `source`, pixel data included."""
     try:
         return dcmread(source)
     except Exception as exc:
