@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import av
 import imagecodecs
 import numpy as np
 from PIL import Image
@@ -175,6 +174,8 @@ def _video_frame(ds: Dataset, number: int) -> np.ndarray:
     """Frame `number` of a video object as RGB: its pixel data is one MPEG-2, H.264 or HEVC
     stream (in one item, or split across several), decoded by FFmpeg through PyAV from its
     start, as a video's frames are made from the ones before them."""
+    import av  # here: FFmpeg's libraries add 17 MB to a process, and video is rare
+
     syntax = ds.file_meta.TransferSyntaxUID
     try:
         stream = b"".join(generate_frames(ds.PixelData, number_of_frames=1))
