@@ -168,8 +168,16 @@ def pixel_layout(ds: Dataset, span: tuple[int, int] | None) -> PixelLayout | Non
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
     grey = samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2") and allocated in (8, 16)
-    colour = samples == 3 and photometric == "RGB" and allocated == 8 and planar == 0
+    colour = samples == 3 and photometric == "RGB" and allocated == stored == 8 and planar == 0
     if not (grey or colour) or not (1 <= stored <= allocated and rows > 0 and columns > 0):
+        return None
+    if colour and signed:
+        return None
+    try:  # as the renderer will build them: a value pydicom refuses leaves it to pydicom
+        attributes = Dataset()
+        for tag, vr, value in display:
+            attributes.add_new(tag, vr, value)
+    except (TypeError, ValueError, OverflowError):
         return None
     layout = PixelLayout(
         offset=span[0],

@@ -194,7 +194,13 @@ def _jpeg_2000_part_2_frame(ds: Dataset, number: int) -> np.ndarray:
     imagecodecs, which applies the codestream's component transform."""
     try:
         frame = get_frame(ds.PixelData, number - 1, number_of_frames=number_of_frames(ds))
-        return imagecodecs.jpeg2k_decode(frame)
+        pixels = imagecodecs.jpeg2k_decode(frame)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        if pixels.dtype.kind == "u" and signed:  # encoders get the codestream's sign wrong
+            bits = int(ds.BitsStored)
+            wide = pixels.astype(np.int32)
+            return np.where(wide >= 1 << (bits - 1), wide - (1 << bits), wide)
+        return pixels
     except Exception as exc:  # OpenJPEG's errors, or items that do not parse
         syntax = ds.file_meta.TransferSyntaxUID
         raise Undecodable(f"frame {number} ({syntax}) cannot be decoded: {exc}") from exc
@@ -226,17 +232,30 @@ def render_laid_out(
     except ValueError as exc:  # bytes shorter than the layout says
         raise Undecodable(f"frame {number} cannot be read: {exc}") from exc
     shape = (layout.rows, layout.columns)
-    if layout.samples_per_pixel == 3:
-        attributes = _display_attributes(layout.display)
-        return _shown(attributes, samples.reshape(*shape, 3), number, rendering)
-    patterns = samples.reshape(shape)
-    if layout.bits_stored < layout.bits_allocated:  # bits above BitsStored are not the value
-        patterns = patterns & ((1 << layout.bits_stored) - 1)
     try:
-        grey = _laid_out_grey(layout, patterns, rendering.window)
-    except Exception as exc:  # attributes the pipeline needs are malformed
+        attributes = _display_attributes(layout.display)
+    except Exception as exc:  # a value pydicom refuses
         raise Undecodable(f"frame {number} cannot be rendered: {exc}") from exc
-    return encode(grey, rendering)
+    if layout.samples_per_pixel == 3:  # 8 of 8 bits, unsigned (`pixel_layout`)
+        return _shown(attributes, samples.reshape(*shape, 3), number, rendering)
+    unused = layout.bits_allocated - layout.bits_stored
+    if layout.bits_stored <= TABLE_BITS_AT_MOST:
+        patterns = samples.reshape(shape)
+        if unused:  # bits above BitsStored are not the value
+            patterns = patterns & ((1 << layout.bits_stored) - 1)
+        try:
+            grey = _laid_out_grey(layout, patterns, rendering.window)
+        except Exception as exc:  # attributes the pipeline needs are malformed
+            raise Undecodable(f"frame {number} cannot be rendered: {exc}") from exc
+        return encode(grey, rendering)
+    pixels = samples.reshape(shape)
+    if layout.signed:  # the sign is bit BitsStored - 1 (PS3.5 8.1.1)
+        pixels = pixels.view(pixels.dtype.str.replace("u", "i"))
+        if unused:
+            pixels = (pixels << unused) >> unused
+    elif unused:
+        pixels = pixels & ((1 << layout.bits_stored) - 1)
+    return _shown(attributes, pixels, number, rendering)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -292,11 +311,14 @@ def _stored_values(display: tuple, signed: bool, bits_stored: int) -> _StoredVal
     )
 
 
-# Tables kept, by display attributes and window: 256 to 65,536 bytes each.
+# Tables kept, by display attributes and window: up to 4 KB each.
 TABLES_KEPT = 128
+# Grey samples of at most this many bits go through tables over every stored value; wider
+# ones (65,536 values, 2 MB of arrays for each set of display attributes, and PET gives
+# each slice a slope of its own) through `displayed`, over the values present.
+TABLE_BITS_AT_MOST = 12
 
 
-@functools.lru_cache(maxsize=TABLES_KEPT)
 def _table(display: tuple, signed: bool, bits_stored: int, window: Window | None) -> np.ndarray:
     """The 8-bit grey of every bit pattern through `window`, or through what the attributes
     hold when None: what `displayed` gives each value, padding black."""
@@ -306,6 +328,10 @@ def _table(display: tuple, signed: bool, bits_stored: int, window: Window | None
         table[values.padding] = 0
     table.flags.writeable = False  # shared by every rendering that uses it
     return table
+
+
+# Tables of windows that do not come from a frame's pixels, kept.
+_kept_table = functools.lru_cache(maxsize=TABLES_KEPT)(_table)
 
 
 def _laid_out_grey(layout: PixelLayout, patterns: np.ndarray, window: Window | None) -> np.ndarray:
@@ -322,7 +348,10 @@ def _laid_out_grey(layout: PixelLayout, patterns: np.ndarray, window: Window | N
         if values.order is not None:
             counts = counts[values.order]
         window = _robust_window(values.ascending, counts, ordered=True)
-    return np.take(_table(*key, window), patterns, mode="clip")
+        table = _table(*key, window)  # a frame's own window: not kept
+    else:
+        table = _kept_table(*key, window)
+    return np.take(table, patterns, mode="clip")
 
 
 def _frame_in_range(number: int | None, count: int) -> int:

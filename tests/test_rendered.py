@@ -430,17 +430,39 @@ def test_htj2k_renders_as_the_same_image_uncompressed(stored) -> None:
     assert np.array_equal(htj2k, original)
 
 
+def _renamed(ds: Dataset) -> Dataset:
+    """A copy of `ds` as an instance of its own."""
+    copy = ds.copy()
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return copy
+
+
 @pytest.mark.parametrize(
-    ("name", "syntax"), [("CT_small.dcm", JPEG2000MCLossless), ("SC_rgb.dcm", JPEG2000MC)]
+    ("name", "syntax", "unsigned"),
+    [
+        ("CT_small.dcm", JPEG2000MCLossless, False),
+        ("CT_small.dcm", JPEG2000MCLossless, True),  # a codestream that lost the sign
+        ("SC_rgb.dcm", JPEG2000MC, False),
+    ],
 )
-def test_jpeg_2000_part_2_renders_as_the_same_image_uncompressed(stored, name, syntax) -> None:
+def test_jpeg_2000_part_2_renders_as_the_same_image_uncompressed(
+    stored, name, syntax, unsigned
+) -> None:
     """The JPEG 2000 Part 2 (multi-component) syntaxes, which pydicom has no decoder for:
     a codestream encoded here with imagecodecs (losslessly, the colour one with its
-    component transform) renders as the uncompressed original."""
+    component transform) renders as the uncompressed original; signed pixels in a
+    codestream that says unsigned are read as Pixel Representation says, as pydicom does
+    for Part 1 (negative stored values stay black, not white)."""
     archive, paths = stored
     ds = dcmread(get_testdata_file(name))
     original = ds.pixel_array
     colour = original.ndim == 3
+    if unsigned:
+        original = original.copy()
+        original[:8] = -1000  # negative stored values: the sign bit set
+        ds.PixelData = original.tobytes()
+        paths = {**paths, name: store(archive, _renamed(ds))}
+        original = original.view(np.uint16)
     ds.PixelData = encapsulate([imagecodecs.jpeg2k_encode(original, level=0, mct=colour)])
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = syntax
@@ -615,6 +637,23 @@ def test_what_the_layout_does_not_cover_is_left_to_pydicom(name) -> None:
     """Compressed or big-endian pixel data, palettes and LUT sequences have no layout:
     those frames are decoded by pydicom as before."""
     assert read_header(Path(get_testdata_file(name))).pixels is None
+
+
+def test_what_the_layout_would_show_wrongly_is_left_to_pydicom(tmp_path) -> None:
+    """RGB with fewer than 8 bits stored, and a stored window that is not a number, get no
+    pixel layout: pydicom's path renders them, masking the colour samples and taking the
+    window from the pixels, instead of a wrong image or a server error."""
+    rgb = dcmread(_variant("RGB, two frames", tmp_path))
+    rgb.BitsStored, rgb.HighBit = 6, 5
+    grey = dcmread(_variant("unsigned 12 of 16, high bits set", tmp_path))
+    grey.add_new(0x00281050, "LO", "abc")  # Window Center, its VR made DS below
+    grey.WindowWidth = "400"
+    for ds in (rgb, grey):
+        path = tmp_path / "changed.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        path.write_bytes(path.read_bytes().replace(b"\x28\x00\x50\x10LO", b"\x28\x00\x50\x10DS"))
+        assert read_header(path).pixels is None
+        assert render(io.BytesIO(path.read_bytes()), 1, Rendering(), in_memory=True)
 
 
 def test_the_lane_and_the_routes_answer_alike(stored, s3_server) -> None:
