@@ -295,7 +295,7 @@ class _StoredValues:
         return self.modality if self.order is None else self.modality[self.order]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _stored_values(display: tuple, signed: bool, bits_stored: int) -> _StoredValues:
     frame = _display_attributes(display)
     patterns = np.arange(1 << bits_stored)
@@ -311,12 +311,13 @@ def _stored_values(display: tuple, signed: bool, bits_stored: int) -> _StoredVal
     )
 
 
-# Tables kept, by display attributes and window: up to 4 KB each.
+# Tables kept, by display attributes and window: up to 16 KB each.
 TABLES_KEPT = 128
-# Grey samples of at most this many bits go through tables over every stored value; wider
-# ones (65,536 values, 2 MB of arrays for each set of display attributes, and PET gives
-# each slice a slope of its own) through `displayed`, over the values present.
-TABLE_BITS_AT_MOST = 12
+# Grey samples of at most this many bits go through tables over every stored value (a CR's
+# 14 bits: 0.5 MB of arrays for each set of display attributes, 16 sets kept); wider ones
+# (65,536 values, 2 MB a set, and PET gives each slice a slope of its own) through
+# `displayed`, over the values present.
+TABLE_BITS_AT_MOST = 14
 
 
 def _table(display: tuple, signed: bool, bits_stored: int, window: Window | None) -> np.ndarray:
@@ -330,8 +331,11 @@ def _table(display: tuple, signed: bool, bits_stored: int, window: Window | None
     return table
 
 
-# Tables of windows that do not come from a frame's pixels, kept.
+# Tables kept: of windows that do not come from a frame's pixels, and, apart, so that they
+# do not push those out, of the latest windows from pixels (neighbouring slices often
+# share theirs).
 _kept_table = functools.lru_cache(maxsize=TABLES_KEPT)(_table)
+_pixels_table = functools.lru_cache(maxsize=32)(_table)
 
 
 def _laid_out_grey(layout: PixelLayout, patterns: np.ndarray, window: Window | None) -> np.ndarray:
@@ -348,7 +352,7 @@ def _laid_out_grey(layout: PixelLayout, patterns: np.ndarray, window: Window | N
         if values.order is not None:
             counts = counts[values.order]
         window = _robust_window(values.ascending, counts, ordered=True)
-        table = _table(*key, window)  # a frame's own window: not kept
+        table = _pixels_table(*key, window)
     else:
         table = _kept_table(*key, window)
     return np.take(table, patterns, mode="clip")
