@@ -63,6 +63,10 @@ def _exited(pid: int, timeout: float) -> bool:
     return True
 
 
+# Starts on freshly chosen ports, when one of them was taken before weed bound it.
+BIND_ATTEMPTS = 3
+
+
 class EmbeddedS3Error(RuntimeError):
     """The embedded S3 server could not be started."""
 
@@ -225,9 +229,26 @@ class EmbeddedS3:
         if self._attach_or_clear():
             return self.endpoint
         # Started again after a stop or a crash: the same ports, so clients find it again.
-        if self._ports is None:
-            self._ports = dict(zip(_COMPONENTS, _free_port_pairs(len(_COMPONENTS)), strict=True))
-        ports = self._ports
+        chosen_now = self._ports is None
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            if self._ports is None:
+                pairs = _free_port_pairs(len(_COMPONENTS))
+                self._ports = dict(zip(_COMPONENTS, pairs, strict=True))
+            try:
+                return self._launch(self._ports, timeout)
+            except EmbeddedS3Error as exc:
+                taken = ("address already in use", "is not available")  # when bound, or before
+                if not chosen_now or not any(words in str(exc) for words in taken):
+                    raise
+                if attempt == BIND_ATTEMPTS:
+                    raise
+                # Another process took a port between its choosing and weed's binding.
+                log.warning("weed mini found a port taken; starting it on others")
+                self._ports = None
+        raise AssertionError("unreachable")
+
+    def _launch(self, ports: dict[str, int], timeout: float) -> str:
+        """Run `weed mini` on `ports` and return its S3 endpoint once it answers."""
         command = [
             weed_binary(),
             "mini",

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from storage import layout
+from storage import embedded_s3, layout
 from storage.embedded_s3 import EmbeddedS3
 from storage.objects import ObjectStore
 from tests.conftest import (
@@ -504,3 +504,31 @@ def test_serve_on_postgresql(
     assert len(bucket_of(archive, s3_server).get(key)) == size
     assert not (archive.data_dir / "index.sqlite3").exists()
     assert archive.stop() == 0, archive.log()
+
+
+def test_embedded_s3_starts_on_other_ports_when_one_is_taken(tmp_path, monkeypatch) -> None:
+    """Another process may take a port between its choosing and SeaweedFS binding it (seen
+    once in the suite, the filer's): the server starts on newly chosen ports instead of
+    failing."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real = embedded_s3._free_port_pairs
+    choices: list[list[int]] = []
+
+    def choose(count: int) -> list[int]:
+        ports = real(count)
+        if not choices:  # the filer's port, taken meanwhile
+            ports[embedded_s3._COMPONENTS.index("filer")] = taken.getsockname()[1]
+        choices.append(ports)
+        return ports
+
+    monkeypatch.setattr(embedded_s3, "_free_port_pairs", choose)
+    store = EmbeddedS3(tmp_path / "s3")
+    try:
+        assert store.start()
+        assert len(choices) == 2
+        assert taken.getsockname()[1] not in store._ports.values()
+    finally:
+        store.stop()
+        taken.close()
