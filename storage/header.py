@@ -124,6 +124,14 @@ class PixelLayout:
         return replace(self, display=_one_of(self.display))
 
 
+def display_attributes(display: tuple[tuple[int, str, str | int], ...]) -> Dataset:
+    """A layout's display attributes (`PixelLayout.display`) as a data set."""
+    ds = Dataset()
+    for tag, vr, value in display:
+        ds.add_new(tag, vr, value)
+    return ds
+
+
 @functools.lru_cache(maxsize=4096)
 def _one_of(display: tuple[tuple[int, str, str | int], ...]) -> tuple:
     return display
@@ -174,9 +182,7 @@ def pixel_layout(ds: Dataset, span: tuple[int, int] | None) -> PixelLayout | Non
     if colour and signed:
         return None
     try:  # as the renderer will build them: a value pydicom refuses leaves it to pydicom
-        attributes = Dataset()
-        for tag, vr, value in display:
-            attributes.add_new(tag, vr, value)
+        display_attributes(display)
     except (TypeError, ValueError, OverflowError):
         return None
     layout = PixelLayout(

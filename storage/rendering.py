@@ -45,7 +45,7 @@ from pydicom.uid import (
 )
 
 from storage.frames import FrameNotFound, number_of_frames
-from storage.header import DISPLAY_KEYWORDS, PixelLayout
+from storage.header import DISPLAY_KEYWORDS, PixelLayout, display_attributes
 
 # Instances in a syntax pydicom has no decoder for (`_DECODED_HERE`) are read whole to
 # render a frame (a video is decoded from its start): larger ones are refused with a
@@ -258,14 +258,9 @@ def render_laid_out(
     return _shown(attributes, pixels, number, rendering)
 
 
-@functools.lru_cache(maxsize=1024)
-def _display_attributes(display: tuple) -> Dataset:
-    """A layout's display attributes as a data set, made once for each distinct set (a
-    series' instances share theirs, `PixelLayout.shared`). Read, never changed."""
-    ds = Dataset()
-    for tag, vr, value in display:
-        ds.add_new(tag, vr, value)
-    return ds
+# A layout's display attributes as a data set, made once for each distinct set (a series'
+# instances share theirs, `PixelLayout.shared`). Read, never changed.
+_display_attributes = functools.lru_cache(maxsize=1024)(display_attributes)
 
 
 @dataclass(frozen=True, eq=False)
