@@ -478,6 +478,7 @@ class Index:
                         "size": entry.size,
                         "sha256": entry.sha256,
                         "object_key": entry.object_key,
+                        "pixel_layout": h.pixels.to_text() if h.pixels is not None else None,
                     }
                 )
             inserted = set(

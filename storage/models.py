@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -104,6 +105,9 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     object_key: Mapped[str] = mapped_column(String(255), unique=True)
+    # Where the frames lie and how they are displayed (`storage.header.PixelLayout`, as
+    # text), for the renderer; none for compressed and other pixel data it does not cover.
+    pixel_layout: Mapped[str | None] = mapped_column(Text)
 
 
 # The registry and the audit trail (issue 3): who may call, with what, and what they did.

@@ -454,6 +454,7 @@ class Located:
     study_instance_uid: str
     series_instance_uid: str
     sha256: str
+    pixel_layout: str | None = None  # `storage.header.PixelLayout.to_text`, for the renderer
 
 
 def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
@@ -472,6 +473,7 @@ def locate(index: Index, query: Query, viewer: Viewer) -> list[Located]:
                 Study.study_instance_uid,
                 Series.series_instance_uid,
                 Instance.sha256,
+                Instance.pixel_layout,
             ),
             QueryLevel.IMAGE,
         )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from storage import layout, metrics
 from storage.frames import FrameNotFound
-from storage.header import PixelLayout
+from storage.header import layout_from_text
 from storage.index import Index
 from storage.ingest import StoreResult
 from storage.local_copies import LocalCopies
@@ -54,10 +54,6 @@ TRACKING_AT_MOST = 100_000
 # `here`), read whole from its local copy: a 512 x 512 CT slice is 0.5 MB and renders as a
 # JPEG in about a millisecond. PNG and WebP take 5 to 20 times as long: not here.
 HERE_OBJECT_BYTES = 2 * 1024 * 1024
-# Pixel layouts of instances stored recently (see `Renditions.stored`), most recent first:
-# about 0.35 KB each (`PixelLayout.shared`). The instances a viewer opens first are those
-# just stored.
-LAYOUTS_AT_MOST = 20_000
 
 
 def rendition_key(item: Located, frame: int | None, rendering: Rendering) -> str:
@@ -119,7 +115,6 @@ class Renditions:
         self.local_copies = local_copies
         self._stored_here: OrderedDict[str, None] = OrderedDict()  # SHA-256s, see above
         self._written: OrderedDict[str, None] = OrderedDict()  # keys put in the bucket
-        self._layouts: OrderedDict[str, PixelLayout] = OrderedDict()  # by SHA-256
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_bytes = memory_bytes
         self._held = 0
@@ -141,7 +136,7 @@ class Renditions:
     ) -> Rendition:
         """Frame `frame` (1-based; None: the middle one) of `item`, rendered. `here`: only
         from memory, or as a JPEG from a local copy of at most `HERE_OBJECT_BYTES` whose
-        pixel layout is known (for an event loop, which must not wait). `key`: its
+        pixel layout the index holds (for an event loop, which must not wait). `key`: its
         `rendition_key`, when the caller has it.
 
         FrameNotFound, Undecodable (storage.rendering), ObjectStoreUnavailable; NotHere."""
@@ -154,10 +149,10 @@ class Renditions:
         with self._lock:
             written = key in self._written
             stored_here = item.sha256 in self._stored_here
-            layout = self._layouts.get(item.sha256)
+        pixel_layout = layout_from_text(item.pixel_layout)
         if here and (
             written
-            or layout is None
+            or pixel_layout is None
             or item.size > HERE_OBJECT_BYTES
             or rendering.media_type != "image/jpeg"
         ):
@@ -178,8 +173,8 @@ class Renditions:
             if written and self.local_copies is not None:  # not read above
                 copy = self.local_copies.read(item.sha256)
             original = copy if copy is not None else self._original(item)
-            if layout is not None:
-                data = render_laid_out(original, layout, frame, rendering)
+            if pixel_layout is not None:
+                data = render_laid_out(original, pixel_layout, frame, rendering)
             else:
                 data = render(io.BytesIO(original), frame, rendering, in_memory=True)
         else:  # only the header's and the frame's ranges
@@ -191,15 +186,10 @@ class Renditions:
 
     def stored(self, result: StoreResult) -> None:
         """An instance stored by this archive (pipeline listener): it has no rendition in
-        the bucket but those this process writes, and its frames are where its header's
-        pixel layout says."""
+        the bucket but those this process writes."""
         if result.sha256:
-            pixels = result.header.pixels if result.header is not None else None
             with self._lock:
                 _remember_bounded(self._stored_here, result.sha256)
-                if pixels is not None:
-                    layout = pixels.shared()
-                    _remember_bounded(self._layouts, result.sha256, layout, LAYOUTS_AT_MOST)
 
     def _original(self, item: Located) -> bytes:
         """The stored bytes, from the bucket (and copied, where this process keeps the
@@ -289,12 +279,10 @@ class Renditions:
                 self._held -= len(dropped)
 
 
-def _remember_bounded(
-    keys: OrderedDict, key: str, value: object = None, at_most: int = TRACKING_AT_MOST
-) -> None:
-    keys[key] = value
+def _remember_bounded(keys: OrderedDict, key: str) -> None:
+    keys[key] = None
     keys.move_to_end(key)
-    if len(keys) > at_most:
+    if len(keys) > TRACKING_AT_MOST:
         keys.popitem(last=False)
 
 

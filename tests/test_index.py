@@ -83,7 +83,7 @@ def test_migrate_creates_schema_and_is_idempotent(index: Index) -> None:
     } <= tables
     with index.engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [
-            ("0004",)
+            ("0005",)
         ]
     assert record(index, header("1.2.3.1"))
 
@@ -92,7 +92,7 @@ def test_migrate_creates_schema_and_is_idempotent(index: Index) -> None:
     index.migrate()
     with index.engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [
-            ("0004",)
+            ("0005",)
         ]
     assert index.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
     assert index.find("1.2.3.1") is not None

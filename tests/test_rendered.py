@@ -40,8 +40,11 @@ from pydicom.uid import (
 
 from storage.frames import FrameNotFound
 from storage.header import read_header
-from storage.index import Index
-from storage.query import Located
+from storage.index import Index, Origin
+from storage.ingest import IngestPipeline, InstanceToStore
+from storage.local_copies import LocalCopies
+from storage.objects import ObjectStore
+from storage.query import Located, Query, QueryLevel, Viewer, locate
 from storage.rendering import (
     Rendering,
     Undecodable,
@@ -51,7 +54,7 @@ from storage.rendering import (
     render,
     render_laid_out,
 )
-from storage.renditions import RENDERED_PREFIX, Rendition, Renditions, rendition_key
+from storage.renditions import RENDERED_PREFIX, NotHere, Rendition, Renditions, rendition_key
 from tests.conftest import RunningArchive, bucket_of, started_archive
 from tests.test_cstore import small_ct, wait_drained
 from viewer_api.app import create_app
@@ -654,6 +657,42 @@ def test_what_the_layout_would_show_wrongly_is_left_to_pydicom(tmp_path) -> None
         path.write_bytes(path.read_bytes().replace(b"\x28\x00\x50\x10LO", b"\x28\x00\x50\x10DS"))
         assert read_header(path).pixels is None
         assert render(io.BytesIO(path.read_bytes()), 1, Rendering(), in_memory=True)
+
+
+def test_after_a_restart_frames_are_still_read_by_their_layout(
+    objects: ObjectStore, index: Index, tmp_path: Path
+) -> None:
+    """The pixel layout read at ingest is kept in the index: a process that did not store
+    an instance (the archive has restarted since) still reads its frames from the stored
+    bytes by the layout, on the event loop (`here`), and they come out as pydicom decodes
+    them. An instance without a layout (compressed) is left to a thread."""
+    copies = LocalCopies(tmp_path / "copies", limit_bytes=10**8)
+    pipeline = IngestPipeline(objects, index, local_copies=copies)
+    laid_out = _variant("unsigned 12 of 16, high bits set", tmp_path)
+    compressed = Path(get_testdata_file("JPEG2000.dcm"))
+    try:
+        for path in (laid_out, compressed):
+            assert pipeline.store(InstanceToStore(path, Origin("north"))).outcome.ok
+    finally:
+        pipeline.close()
+    renditions = Renditions(objects, local_copies=copies)  # a new process: told of nothing
+    try:
+        for path in (laid_out, compressed):
+            uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            query = Query(QueryLevel.IMAGE, {"SOPInstanceUID": uid})
+            [item] = locate(index, query, Viewer.archive())
+            expected = render(io.BytesIO(path.read_bytes()), 1, Rendering(), in_memory=True)
+            if path == compressed:
+                assert item.pixel_layout is None
+                with pytest.raises(NotHere):
+                    renditions.rendered(item, 1, Rendering(), here=True)
+                assert renditions.rendered(item, 1, Rendering()).data == expected
+            else:
+                assert item.pixel_layout is not None
+                rendition = renditions.rendered(item, 1, Rendering(), here=True)
+                assert rendition == Rendition(expected, cached=False)
+    finally:
+        renditions.close()
 
 
 def test_the_lane_and_the_routes_answer_alike(stored, s3_server) -> None:
