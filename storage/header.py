@@ -113,6 +113,10 @@ class PixelLayout:
     signed: bool
     number_of_frames: int
     display: tuple[tuple[int, str, str | int], ...]  # (tag, VR, value) of DISPLAY_KEYWORDS
+    # The window (center, width) the renderer takes from the pixels of a single-frame grey
+    # instance that stores none, found at ingest (`storage.rendering.with_pixels_window`):
+    # a first rendering then skips the histogram, a third of its pixel work.
+    window: tuple[float, float] | None = None
 
     @property
     def frame_bytes(self) -> int:
@@ -138,6 +142,7 @@ class PixelLayout:
             int(self.signed),
             self.number_of_frames,
             [list(element) for element in self.display],
+            None if self.window is None else list(self.window),
         ]
         return json.dumps(fields, separators=(",", ":"))
 
@@ -154,11 +159,12 @@ def layout_from_text(text: str | None) -> PixelLayout | None:
     if not text:
         return None
     try:
-        version, offset, rows, columns, samples, allocated, stored, signed, frames, display = (
-            json.loads(text)
-        )
-        if version != LAYOUT_TEXT_VERSION:
+        fields = json.loads(text)
+        if fields[0] != LAYOUT_TEXT_VERSION:
             return None
+        _, offset, rows, columns, samples, allocated, stored, signed, frames, display, window = (
+            fields
+        )
         layout = PixelLayout(
             offset=int(offset),
             rows=int(rows),
@@ -169,8 +175,9 @@ def layout_from_text(text: str | None) -> PixelLayout | None:
             signed=bool(signed),
             number_of_frames=int(frames),
             display=tuple((int(tag), str(vr), value) for tag, vr, value in display),
+            window=None if window is None else (float(window[0]), float(window[1])),
         )
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, KeyError):
         return None
     return layout.shared()
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from storage import layout, metrics
@@ -24,6 +24,7 @@ from storage.header import InstanceHeader, InvalidInstance, Rejection, read_head
 from storage.index import Index, IndexEntry, IndexRejected, IndexUnavailable, Origin
 from storage.local_copies import LocalCopies
 from storage.objects import ObjectStore, ObjectStoreUnavailable
+from storage.rendering import with_pixels_window
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,8 @@ class IngestPipeline:
         self.objects.put_file(key, item.path)
         if self.local_copies is not None:
             self.local_copies.add_file(digest, item.path)
+        if header.pixels is not None:  # here, beside the upload, not before the answer
+            header = replace(header, pixels=with_pixels_window(header.pixels, item.path))
         return IndexEntry(header, item.origin, size, digest, key)
 
     def _duplicate(

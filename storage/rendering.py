@@ -19,7 +19,8 @@ import functools
 import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import BinaryIO
 
 import imagecodecs
@@ -240,9 +241,7 @@ def render_laid_out(
         return _shown(attributes, samples.reshape(*shape, 3), number, rendering)
     unused = layout.bits_allocated - layout.bits_stored
     if layout.bits_stored <= TABLE_BITS_AT_MOST:
-        patterns = samples.reshape(shape)
-        if unused:  # bits above BitsStored are not the value
-            patterns = patterns & ((1 << layout.bits_stored) - 1)
+        patterns = _patterns(layout, samples.reshape(shape))
         try:
             grey = _laid_out_grey(layout, patterns, rendering.window)
         except Exception as exc:  # attributes the pipeline needs are malformed
@@ -333,24 +332,67 @@ _kept_table = functools.lru_cache(maxsize=TABLES_KEPT)(_table)
 _pixels_table = functools.lru_cache(maxsize=32)(_table)
 
 
+def _patterns(layout: PixelLayout, samples: np.ndarray) -> np.ndarray:
+    """A grey frame's samples as bit patterns: the bits above Bits Stored are not the
+    value, and are cleared."""
+    if layout.bits_allocated == layout.bits_stored:
+        return samples
+    return samples & ((1 << layout.bits_stored) - 1)
+
+
 def _laid_out_grey(layout: PixelLayout, patterns: np.ndarray, window: Window | None) -> np.ndarray:
     """A laid-out grey frame's samples (bit patterns) as 8-bit grey, as `displayed` shows
     them: a window from the pixels is the one `_robust_window` takes from the same
-    (sub-sampled) histogram."""
+    (sub-sampled) histogram, or was taken at ingest (`PixelLayout.window`)."""
     key = (layout.display, layout.signed, layout.bits_stored)
     values = _stored_values(*key)
     if window is None and values.window_from_pixels:
-        step = max(1, math.isqrt(patterns.size // WINDOW_SAMPLES))
-        counts = np.bincount(patterns[::step, ::step].ravel(), minlength=values.stored.size)
-        if values.padding is not None:
-            counts[values.padding] = 0
-        if values.order is not None:
-            counts = counts[values.order]
-        window = _robust_window(values.ascending, counts, ordered=True)
+        if layout.window is not None:
+            window = Window(*layout.window)
+        else:
+            window = _pixels_window(values, patterns)
         table = _pixels_table(*key, window)
     else:
         table = _kept_table(*key, window)
     return np.take(table, patterns, mode="clip")
+
+
+def _pixels_window(values: _StoredValues, patterns: np.ndarray) -> Window:
+    """The window a frame's own bit patterns set: over the bulk of its non-padding values."""
+    step = max(1, math.isqrt(patterns.size // WINDOW_SAMPLES))
+    counts = np.bincount(patterns[::step, ::step].ravel(), minlength=values.stored.size)
+    if values.padding is not None:
+        counts[values.padding] = 0
+    if values.order is not None:
+        counts = counts[values.order]
+    return _robust_window(values.ascending, counts, ordered=True)
+
+
+def with_pixels_window(layout: PixelLayout, path: Path) -> PixelLayout:
+    """`layout` with the window its instance's pixels set (`PixelLayout.window`), read from
+    the file at `path` (the stored bytes), for a single-frame grey image that stores no
+    window nor VOI LUT; `layout` itself for any other, or when the file cannot say."""
+    if (
+        layout.window is not None
+        or layout.samples_per_pixel != 1
+        or layout.number_of_frames != 1
+        or layout.bits_stored > TABLE_BITS_AT_MOST
+    ):
+        return layout
+    try:
+        values = _stored_values(layout.display, layout.signed, layout.bits_stored)
+        if not values.window_from_pixels:
+            return layout
+        dtype = np.dtype(f"<u{layout.bits_allocated // 8}")
+        shape = (layout.rows, layout.columns)
+        # Mapped, not read: a large frame's histogram reads only the rows it samples.
+        samples = np.memmap(path, dtype, "r", layout.offset, shape)
+        step = max(1, math.isqrt(samples.size // WINDOW_SAMPLES))
+        sampled = np.array(samples[::step, ::step])  # what `_pixels_window` samples, no more
+        window = _pixels_window(values, _patterns(layout, sampled))
+    except (OSError, ValueError, TypeError, AttributeError):  # short file, odd attributes
+        return layout
+    return replace(layout, window=(window.center, window.width))
 
 
 def _frame_in_range(number: int | None, count: int) -> int:

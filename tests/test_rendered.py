@@ -39,7 +39,7 @@ from pydicom.uid import (
 )
 
 from storage.frames import FrameNotFound
-from storage.header import read_header
+from storage.header import layout_from_text, read_header
 from storage.index import Index, Origin
 from storage.ingest import IngestPipeline, InstanceToStore
 from storage.local_copies import LocalCopies
@@ -662,33 +662,43 @@ def test_what_the_layout_would_show_wrongly_is_left_to_pydicom(tmp_path) -> None
 def test_after_a_restart_frames_are_still_read_by_their_layout(
     objects: ObjectStore, index: Index, tmp_path: Path
 ) -> None:
-    """The pixel layout read at ingest is kept in the index: a process that did not store
-    an instance (the archive has restarted since) still reads its frames from the stored
-    bytes by the layout, on the event loop (`here`), and they come out as pydicom decodes
-    them. An instance without a layout (compressed) is left to a thread."""
+    """The pixel layout read at ingest is kept in the index, with the window a single-frame
+    image's pixels set when it stores none: a process that did not store the instance (the
+    archive has restarted since) still reads its frames from the stored bytes by the
+    layout, on the event loop (`here`), and they come out as pydicom decodes them. An
+    instance without a layout (compressed) is left to a thread."""
     copies = LocalCopies(tmp_path / "copies", limit_bytes=10**8)
     pipeline = IngestPipeline(objects, index, local_copies=copies)
-    laid_out = _variant("unsigned 12 of 16, high bits set", tmp_path)
+    laid_out = [
+        _variant(name, tmp_path)
+        for name in (
+            "unsigned 12 of 16, high bits set",
+            "MONOCHROME1, 8 bits, padded, implicit VR",
+            "signed 12 of 16, high bits set",  # stores a window
+        )
+    ]
     compressed = Path(get_testdata_file("JPEG2000.dcm"))
     try:
-        for path in (laid_out, compressed):
+        for path in (*laid_out, compressed):
             assert pipeline.store(InstanceToStore(path, Origin("north"))).outcome.ok
     finally:
         pipeline.close()
     renditions = Renditions(objects, local_copies=copies)  # a new process: told of nothing
     try:
-        for path in (laid_out, compressed):
+        for path in (*laid_out, compressed):
             uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             query = Query(QueryLevel.IMAGE, {"SOPInstanceUID": uid})
             [item] = locate(index, query, Viewer.archive())
             expected = render(io.BytesIO(path.read_bytes()), 1, Rendering(), in_memory=True)
+            layout = layout_from_text(item.pixel_layout)
             if path == compressed:
-                assert item.pixel_layout is None
+                assert layout is None
                 with pytest.raises(NotHere):
                     renditions.rendered(item, 1, Rendering(), here=True)
                 assert renditions.rendered(item, 1, Rendering()).data == expected
             else:
-                assert item.pixel_layout is not None
+                assert layout is not None
+                assert (layout.window is None) == (path == laid_out[2])
                 rendition = renditions.rendered(item, 1, Rendering(), here=True)
                 assert rendition == Rendition(expected, cached=False)
     finally:
