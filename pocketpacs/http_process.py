@@ -22,6 +22,7 @@ stops when the archive process is gone (its pipe closes), kill -9 included.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import multiprocessing
@@ -289,6 +290,12 @@ def run(
             name="events",
             daemon=True,
         ).start()
+        # What start made (modules, the application, SQLAlchemy's and pydicom's tables)
+        # lives as long as the process: frozen, the cyclic collector no longer walks it in
+        # its collections between requests (a cold MR rendering 0.81 to 0.71 of Orthanc's
+        # time, four alternated runs).
+        gc.collect()
+        gc.freeze()
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # SIGTERM or Ctrl-C: stop as asked
