@@ -161,7 +161,9 @@ def summary(values: list[float]) -> dict:
         return {"n": 0}
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
-    return {"n": len(values), "median": round(statistics.median(values), 1), "p95": round(p95, 1)}
+    # Two decimals: at about 1 ms, tenths would move a ratio by a tenth and decide a target.
+    median = statistics.median(values)
+    return {"n": len(values), "median": round(median, 2), "p95": round(p95, 2)}
 
 
 def targets(results: dict) -> list[tuple[str, str, bool | None]]:
