@@ -18,6 +18,7 @@ import enum
 import functools
 import io
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -385,10 +386,14 @@ def with_pixels_window(layout: PixelLayout, path: Path) -> PixelLayout:
             return layout
         dtype = np.dtype(f"<u{layout.bits_allocated // 8}")
         shape = (layout.rows, layout.columns)
-        # Mapped, not read: a large frame's histogram reads only the rows it samples.
-        samples = np.memmap(path, dtype, "r", layout.offset, shape)
-        step = max(1, math.isqrt(samples.size // WINDOW_SAMPLES))
-        sampled = np.array(samples[::step, ::step])  # what `_pixels_window` samples, no more
+        step = max(1, math.isqrt(layout.rows * layout.columns // WINDOW_SAMPLES))
+        if step == 1:  # every sample counts: one read
+            with path.open("rb", buffering=0) as handle:
+                data = os.pread(handle.fileno(), layout.frame_bytes, layout.offset)
+            sampled = np.frombuffer(data, dtype, shape[0] * shape[1]).reshape(shape)
+        else:  # mapped: only the rows sampled are read, not a large frame's every row
+            samples = np.memmap(path, dtype, "r", layout.offset, shape)
+            sampled = np.array(samples[::step, ::step])  # what `_pixels_window` samples
         window = _pixels_window(values, _patterns(layout, sampled))
     except (OSError, ValueError, TypeError, AttributeError):  # short file, odd attributes
         return layout
