@@ -248,7 +248,7 @@ def run(
         limit_bytes=settings.spool_limit_mb * 1024 * 1024,
         defer_seconds=settings.spool_defer_seconds,
     )
-    renditions = Renditions(objects, local_copies=copies)
+    renditions = Renditions(objects, local_copies=copies, index=index)
     thumbnails = ThumbnailWorker(index, renditions)
     pipeline.listeners += [renditions.stored, thumbnails]
     thumbnails.start()

@@ -259,6 +259,17 @@ def pixel_layout(ds: Dataset, span: tuple[int, int] | None) -> PixelLayout | Non
     return layout.shared()  # headers wait by the thousand in the spool, too
 
 
+def layout_of(data: bytes) -> PixelLayout | None:
+    """The pixel layout of the stored Part 10 object `data`, as ingest reads it; None when
+    it has none, or does not parse. For instances stored before the index kept layouts
+    (`storage.renditions` fills theirs in as they are rendered)."""
+    try:
+        ds, span = _parse_complete(io.BytesIO(data), len(data))
+        return pixel_layout(ds, span)
+    except Exception:  # pydicom raises what the damage provokes; it was stored regardless
+        return None
+
+
 @dataclass(frozen=True)
 class InstanceHeader:
     """The attributes the index records for one instance, with validated UIDs, and where

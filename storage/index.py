@@ -18,7 +18,18 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, Executable, create_engine, event, func, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -358,6 +369,23 @@ class Index:
         except SQLAlchemyError as exc:
             raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
         return {row[0]: StoredInstance(*row) for row in rows}
+
+    def add_pixel_layouts(self, layouts: dict[str, str]) -> None:
+        """Record pixel layouts (`PixelLayout.to_text`) by SOP Instance UID, for instances
+        stored before the index kept them; a row that has one keeps it."""
+        if not layouts:
+            return
+        statement = (
+            update(_INSTANCES)
+            .where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+            .where(_INSTANCES.c.pixel_layout.is_(None))
+            .values(pixel_layout=bindparam("text"))
+        )
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(statement, [{"uid": u, "text": t} for u, t in layouts.items()])
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
 
     def _upsert(self, connection: Connection, model, key: dict, values: dict) -> int:
         """Insert unless present (the first writer's attributes win) and return the row id."""

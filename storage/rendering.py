@@ -369,10 +369,11 @@ def _pixels_window(values: _StoredValues, patterns: np.ndarray) -> Window:
     return _robust_window(values.ascending, counts, ordered=True)
 
 
-def with_pixels_window(layout: PixelLayout, path: Path) -> PixelLayout:
+def with_pixels_window(layout: PixelLayout, source: Path | bytes) -> PixelLayout:
     """`layout` with the window its instance's pixels set (`PixelLayout.window`), read from
-    the file at `path` (the stored bytes), for a single-frame grey image that stores no
-    window nor VOI LUT; `layout` itself for any other, or when the file cannot say."""
+    `source` (the stored bytes, or the file holding them), for a single-frame grey image
+    that stores no window nor VOI LUT; `layout` itself for any other, or when the bytes
+    cannot say."""
     if (
         layout.window is not None
         or layout.samples_per_pixel != 1
@@ -387,12 +388,16 @@ def with_pixels_window(layout: PixelLayout, path: Path) -> PixelLayout:
         dtype = np.dtype(f"<u{layout.bits_allocated // 8}")
         shape = (layout.rows, layout.columns)
         step = max(1, math.isqrt(layout.rows * layout.columns // WINDOW_SAMPLES))
-        if step == 1:  # every sample counts: one read
-            with path.open("rb", buffering=0) as handle:
+        if isinstance(source, bytes):
+            count = shape[0] * shape[1]
+            frame = np.frombuffer(source, dtype, count, layout.offset).reshape(shape)
+            sampled = frame[::step, ::step]
+        elif step == 1:  # every sample counts: one read
+            with source.open("rb", buffering=0) as handle:
                 data = os.pread(handle.fileno(), layout.frame_bytes, layout.offset)
             sampled = np.frombuffer(data, dtype, shape[0] * shape[1]).reshape(shape)
         else:  # mapped: only the rows sampled are read, not a large frame's every row
-            samples = np.memmap(path, dtype, "r", layout.offset, shape)
+            samples = np.memmap(source, dtype, "r", layout.offset, shape)
             sampled = np.array(samples[::step, ::step])  # what `_pixels_window` samples
         window = _pixels_window(values, _patterns(layout, sampled))
     except (OSError, ValueError, TypeError, AttributeError):  # short file, odd attributes

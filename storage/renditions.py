@@ -17,15 +17,17 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from storage import layout, metrics
 from storage.frames import FrameNotFound
-from storage.header import layout_from_text
-from storage.index import Index
+from storage.header import layout_from_text, layout_of
+from storage.index import Index, IndexUnavailable
 from storage.ingest import StoreResult
 from storage.local_copies import LocalCopies
 from storage.objects import ObjectNotFound, ObjectStore, ObjectStoreUnavailable
 from storage.query import Located, Query, QueryLevel, Viewer, locate
-from storage.rendering import Rendering, render, render_laid_out
+from storage.rendering import Rendering, render, render_laid_out, with_pixels_window
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,11 @@ class Renditions:
     disk: rendering from the local copy is about as quick as a GET, and a GET that finds
     nothing costs about 1 ms of a 3 ms first rendering, or hangs with the store. A
     rendition made by another archive process on the same bucket, or by this one before a
-    restart, is then made again: the same bytes, a rendering's time."""
+    restart, is then made again: the same bytes, a rendering's time.
+
+    An instance stored before the index kept pixel layouts gets its layout read from the
+    bytes it is first rendered from, and written to `index` by the same writer thread: its
+    later renderings read frames by it."""
 
     def __init__(
         self,
@@ -109,10 +115,14 @@ class Renditions:
         memory_bytes: int = 64 * 1024 * 1024,
         quiet_seconds: float = QUIET_SECONDS,
         local_copies: LocalCopies | None = None,
+        index: Index | None = None,
     ) -> None:
         self.objects = objects
         self.quiet_seconds = quiet_seconds
         self.local_copies = local_copies
+        self.index = index
+        self._layouts_found: dict[str, str] = {}  # by SOP Instance UID, for `index`
+        self._without_layout: OrderedDict[str, None] = OrderedDict()  # UIDs, looked at
         self._stored_here: OrderedDict[str, None] = OrderedDict()  # SHA-256s, see above
         self._written: OrderedDict[str, None] = OrderedDict()  # keys put in the bucket
         self._memory: OrderedDict[str, bytes] = OrderedDict()
@@ -149,7 +159,8 @@ class Renditions:
         with self._lock:
             written = key in self._written
             stored_here = item.sha256 in self._stored_here
-        pixel_layout = layout_from_text(item.pixel_layout)
+            found = self._layouts_found.get(item.sop_instance_uid)
+        pixel_layout = layout_from_text(item.pixel_layout or found)
         if here and (
             written
             or pixel_layout is None
@@ -177,6 +188,7 @@ class Renditions:
                 data = render_laid_out(original, pixel_layout, frame, rendering)
             else:
                 data = render(io.BytesIO(original), frame, rendering, in_memory=True)
+                self._find_layout(item, original)
         else:  # only the header's and the frame's ranges
             with self.objects.open(item.object_key, item.size) as source:
                 data = render(source, frame, rendering)
@@ -211,15 +223,41 @@ class Renditions:
                 return
             self._waiting[key] = (data, media_type)
             self._waiting_bytes += len(data)
-            if self._keeper is None:
-                self._keeper = threading.Thread(
-                    target=self._write_behind, name="renditions", daemon=True
-                )
-                self._keeper.start()
+            self._start_keeper()
             # Woken only when it has to act sooner than it will wake by itself: a thread
             # woken per rendition took the interpreter from the request that made it.
             if len(self._waiting) == 1 or self._backlog():
                 self._wake.notify()
+
+    def _find_layout(self, item: Located, original: bytes) -> None:
+        """Queue for the index the pixel layout of an instance stored before the index
+        kept layouts, read from its bytes (once: one without a layout is remembered)."""
+        syntaxes = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        if self.index is None or item.transfer_syntax_uid not in syntaxes:
+            return
+        with self._lock:
+            if item.sop_instance_uid in self._without_layout:
+                return
+        found = layout_of(original)
+        text = None if found is None else with_pixels_window(found, original).to_text()
+        with self._lock:
+            if text is None:
+                _remember_bounded(self._without_layout, item.sop_instance_uid)
+                return
+            if self._closing:
+                return
+            self._layouts_found[item.sop_instance_uid] = text
+            self._start_keeper()
+            if len(self._layouts_found) == 1:
+                self._wake.notify()
+
+    def _start_keeper(self) -> None:
+        """The writer thread, started with the first thing to write (the lock held)."""
+        if self._keeper is None:
+            self._keeper = threading.Thread(
+                target=self._write_behind, name="renditions", daemon=True
+            )
+            self._keeper.start()
 
     def _backlog(self, factor: int = 1) -> bool:
         """Renditions waiting reach `factor` times the bounds (the lock held)."""
@@ -229,20 +267,29 @@ class Renditions:
         )
 
     def _write_behind(self) -> None:
-        """Write waiting renditions one at a time, each once requests have paused for
-        `quiet_seconds` (at once when `KEEPING_AT_MOST` wait, or when closing)."""
+        """Write waiting renditions one at a time, and the layouts found since the last
+        write all at once, each once requests have paused for `quiet_seconds` (at once
+        when `KEEPING_AT_MOST` wait, or when closing)."""
         while True:
             with self._lock:
-                while not self._waiting and not self._closing:
+                while not self._waiting and not self._layouts_found and not self._closing:
                     self._wake.wait()
-                if not self._waiting:
+                if not self._waiting and not self._layouts_found:
                     return
                 quiet_for = time.monotonic() - self._asked_at
                 if quiet_for < self.quiet_seconds and not self._backlog() and not self._closing:
                     self._wake.wait(self.quiet_seconds - quiet_for)
                     continue
-                key, (data, media_type) = self._waiting.popitem(last=False)
-                self._waiting_bytes -= len(data)
+                layouts = self._layouts_found
+                self._layouts_found = {}
+                waiting = self._waiting.popitem(last=False) if self._waiting else None
+                if waiting is not None:
+                    self._waiting_bytes -= len(waiting[1][0])
+            if layouts:
+                self._write_layouts(layouts)
+            if waiting is None:
+                continue
+            key, (data, media_type) = waiting
             try:
                 self.objects.put_bytes(key, data, media_type)
             except ObjectStoreUnavailable as exc:
@@ -250,8 +297,18 @@ class Renditions:
             except Exception:
                 log.exception("rendition not kept: %s", key)
 
+    def _write_layouts(self, layouts: dict[str, str]) -> None:
+        """Layouts found, into the index; lost ones are found again at a next rendering."""
+        assert self.index is not None  # only queued with an index
+        try:
+            self.index.add_pixel_layouts(layouts)
+        except IndexUnavailable as exc:
+            log.warning("%d pixel layouts not kept: %s", len(layouts), exc)
+        except Exception:
+            log.exception("%d pixel layouts not kept", len(layouts))
+
     def close(self) -> None:
-        """Write the renditions still waiting, then stop."""
+        """Write the renditions and layouts still waiting, then stop."""
         with self._lock:
             self._closing = True
             self._wake.notify()

@@ -37,6 +37,7 @@ from pydicom.uid import (
     VideoPhotographicImageStorage,
     generate_uid,
 )
+from sqlalchemy import text
 
 from storage.frames import FrameNotFound
 from storage.header import layout_from_text, read_header
@@ -703,6 +704,50 @@ def test_after_a_restart_frames_are_still_read_by_their_layout(
                 assert rendition == Rendition(expected, cached=False)
     finally:
         renditions.close()
+
+
+def test_an_instance_stored_before_layouts_were_kept_gets_one_when_rendered(
+    objects: ObjectStore, index: Index, tmp_path: Path
+) -> None:
+    """An index row without a pixel layout (the instance was stored by an earlier version)
+    is rendered through pydicom once; its layout, read from the bytes rendered, is then
+    written to the index, the same one ingest records, window included, and the next
+    process renders by it. A native object that has no layout (a palette) stays without."""
+    copies = LocalCopies(tmp_path / "copies", limit_bytes=10**8)
+    pipeline = IngestPipeline(objects, index, local_copies=copies)
+    laid_out = _variant("unsigned 12 of 16, high bits set", tmp_path)
+    palette = Path(get_testdata_file("OBXXXX1A.dcm"))
+    try:
+        for path in (laid_out, palette):
+            assert pipeline.store(InstanceToStore(path, Origin("north"))).outcome.ok
+    finally:
+        pipeline.close()
+
+    def located(path: Path) -> Located:
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        return locate(index, Query(QueryLevel.IMAGE, {"SOPInstanceUID": uid}), Viewer.archive())[0]
+
+    recorded = located(laid_out).pixel_layout
+    assert recorded is not None and located(palette).pixel_layout is None
+    with index.engine.begin() as connection:  # as an earlier version left the row
+        connection.execute(text("UPDATE instances SET pixel_layout = NULL"))
+    renditions = Renditions(objects, local_copies=copies, index=index, quiet_seconds=0)
+    try:
+        for path in (laid_out, palette):
+            expected = render(io.BytesIO(path.read_bytes()), 1, Rendering(), in_memory=True)
+            with pytest.raises(NotHere):
+                renditions.rendered(located(path), 1, Rendering(), here=True)
+            assert renditions.rendered(located(path), 1, Rendering()).data == expected
+    finally:
+        renditions.close()
+    assert located(laid_out).pixel_layout == recorded
+    assert located(palette).pixel_layout is None
+    again = Renditions(objects, local_copies=copies)
+    try:
+        expected = render(io.BytesIO(laid_out.read_bytes()), 1, Rendering(), in_memory=True)
+        assert again.rendered(located(laid_out), 1, Rendering(), here=True).data == expected
+    finally:
+        again.close()
 
 
 def test_the_lane_and_the_routes_answer_alike(stored, s3_server) -> None:
