@@ -12,6 +12,7 @@ import enum
 import functools
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -154,8 +155,8 @@ LAYOUT_TEXT_VERSION = 1
 @functools.lru_cache(maxsize=4096)
 def layout_from_text(text: str | None) -> PixelLayout | None:
     """The layout `PixelLayout.to_text` wrote; None for none, or for text this version
-    does not read (the instance is then rendered through pydicom, as before layouts).
-    Kept by text: a series' instances mostly share theirs."""
+    does not read or that does not add up (the instance is then rendered through pydicom,
+    as before layouts). Kept by text: a series' instances mostly share theirs."""
     if not text:
         return None
     try:
@@ -174,12 +175,35 @@ def layout_from_text(text: str | None) -> PixelLayout | None:
             bits_stored=int(stored),
             signed=bool(signed),
             number_of_frames=int(frames),
-            display=tuple((int(tag), str(vr), value) for tag, vr, value in display),
+            display=tuple((int(tag), str(vr), _text_or_int(value)) for tag, vr, value in display),
             window=None if window is None else (float(window[0]), float(window[1])),
         )
-    except (TypeError, ValueError, IndexError, KeyError):
+        if not _adds_up(layout):
+            return None
+        return layout.shared()
+    except Exception:  # a row written by hand, or damaged: rendered as if it had none
         return None
-    return layout.shared()
+
+
+def _text_or_int(value: object) -> str | int:
+    if type(value) not in (str, int):
+        raise TypeError(f"not a display value: {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _adds_up(layout: PixelLayout) -> bool:
+    """What `pixel_layout` makes: sizes it covers, a finite window of width 1 or more."""
+    return (
+        layout.bits_allocated in (8, 16)
+        and 1 <= layout.bits_stored <= layout.bits_allocated
+        and layout.samples_per_pixel in (1, 3)
+        and min(layout.rows, layout.columns, layout.number_of_frames) > 0
+        and layout.offset >= 0
+        and (
+            layout.window is None
+            or (all(map(math.isfinite, layout.window)) and layout.window[1] >= 1)
+        )
+    )
 
 
 def display_attributes(display: tuple[tuple[int, str, str | int], ...]) -> Dataset:

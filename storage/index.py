@@ -370,20 +370,23 @@ class Index:
             raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
         return {row[0]: StoredInstance(*row) for row in rows}
 
-    def add_pixel_layouts(self, layouts: dict[str, str]) -> None:
-        """Record pixel layouts (`PixelLayout.to_text`) by SOP Instance UID, for instances
-        stored before the index kept them; a row that has one keeps it."""
+    def add_pixel_layouts(self, layouts: dict[str, tuple[str, str]]) -> None:
+        """Record pixel layouts (`PixelLayout.to_text`) of instances stored before the index
+        kept them: SOP Instance UID -> (SHA-256 of the bytes they were read from, text). A
+        row that has one keeps it, and a row of other bytes gets none."""
         if not layouts:
             return
         statement = (
             update(_INSTANCES)
             .where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+            .where(_INSTANCES.c.sha256 == bindparam("sha"))
             .where(_INSTANCES.c.pixel_layout.is_(None))
             .values(pixel_layout=bindparam("text"))
         )
+        rows = [{"uid": u, "sha": sha, "text": t} for u, (sha, t) in layouts.items()]
         try:
             with self.engine.begin() as connection:
-                connection.execute(statement, [{"uid": u, "text": t} for u, t in layouts.items()])
+                connection.execute(statement, rows)
         except SQLAlchemyError as exc:
             raise IndexUnavailable(str(exc.__cause__ or exc)) from exc
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import functools
 import io
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from pydicom.uid import (
 
 from storage.frames import FrameNotFound, number_of_frames
 from storage.header import DISPLAY_KEYWORDS, PixelLayout, display_attributes
+
+log = logging.getLogger(__name__)
 
 # Instances in a syntax pydicom has no decoder for (`_DECODED_HERE`) are read whole to
 # render a frame (a video is decoded from its start): larger ones are refused with a
@@ -400,7 +403,8 @@ def with_pixels_window(layout: PixelLayout, source: Path | bytes) -> PixelLayout
             samples = np.memmap(source, dtype, "r", layout.offset, shape)
             sampled = np.array(samples[::step, ::step])  # what `_pixels_window` samples
         window = _pixels_window(values, _patterns(layout, sampled))
-    except (OSError, ValueError, TypeError, AttributeError):  # short file, odd attributes
+    except Exception:  # a short file, odd attributes: the window is only a saving
+        log.debug("no window found at ingest", exc_info=True)
         return layout
     return replace(layout, window=(window.center, window.width))
 

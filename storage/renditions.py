@@ -121,7 +121,8 @@ class Renditions:
         self.quiet_seconds = quiet_seconds
         self.local_copies = local_copies
         self.index = index
-        self._layouts_found: dict[str, str] = {}  # by SOP Instance UID, for `index`
+        # Layouts found, for `index`: SOP Instance UID -> (SHA-256 of the bytes, text).
+        self._layouts_found: dict[str, tuple[str, str]] = {}
         self._without_layout: OrderedDict[str, None] = OrderedDict()  # UIDs, looked at
         self._stored_here: OrderedDict[str, None] = OrderedDict()  # SHA-256s, see above
         self._written: OrderedDict[str, None] = OrderedDict()  # keys put in the bucket
@@ -160,7 +161,9 @@ class Renditions:
             written = key in self._written
             stored_here = item.sha256 in self._stored_here
             found = self._layouts_found.get(item.sop_instance_uid)
-        pixel_layout = layout_from_text(item.pixel_layout or found)
+        pixel_layout = layout_from_text(item.pixel_layout)
+        if pixel_layout is None and found is not None and found[0] == item.sha256:
+            pixel_layout = layout_from_text(found[1])
         if here and (
             written
             or pixel_layout is None
@@ -184,9 +187,9 @@ class Renditions:
             if written and self.local_copies is not None:  # not read above
                 copy = self.local_copies.read(item.sha256)
             original = copy if copy is not None else self._original(item)
-            if pixel_layout is not None:
+            if pixel_layout is not None and len(original) == item.size:
                 data = render_laid_out(original, pixel_layout, frame, rendering)
-            else:
+            else:  # no layout, or bytes other than those indexed: parsed, not trusted
                 data = render(io.BytesIO(original), frame, rendering, in_memory=True)
                 self._find_layout(item, original)
         else:  # only the header's and the frame's ranges
@@ -233,7 +236,12 @@ class Renditions:
         """Queue for the index the pixel layout of an instance stored before the index
         kept layouts, read from its bytes (once: one without a layout is remembered)."""
         syntaxes = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-        if self.index is None or item.transfer_syntax_uid not in syntaxes:
+        if (
+            self.index is None
+            or item.pixel_layout  # one this version cannot read: a newer one wrote it
+            or item.transfer_syntax_uid not in syntaxes
+            or len(original) != item.size
+        ):
             return
         with self._lock:
             if item.sop_instance_uid in self._without_layout:
@@ -246,7 +254,7 @@ class Renditions:
                 return
             if self._closing:
                 return
-            self._layouts_found[item.sop_instance_uid] = text
+            self._layouts_found[item.sop_instance_uid] = (item.sha256, text)
             self._start_keeper()
             if len(self._layouts_found) == 1:
                 self._wake.notify()
@@ -297,7 +305,7 @@ class Renditions:
             except Exception:
                 log.exception("rendition not kept: %s", key)
 
-    def _write_layouts(self, layouts: dict[str, str]) -> None:
+    def _write_layouts(self, layouts: dict[str, tuple[str, str]]) -> None:
         """Layouts found, into the index; lost ones are found again at a next rendering."""
         assert self.index is not None  # only queued with an index
         try:

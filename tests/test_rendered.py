@@ -748,6 +748,40 @@ def test_an_instance_stored_before_layouts_were_kept_gets_one_when_rendered(
         assert again.rendered(located(laid_out), 1, Rendering(), here=True).data == expected
     finally:
         again.close()
+    # Text this version cannot read (a newer version's, or damaged) is rendered as if
+    # there were none, and left as it is.
+    newer = '[2,"written by a later version"]'
+    with index.engine.begin() as connection:
+        connection.execute(text("UPDATE instances SET pixel_layout = :t"), {"t": newer})
+    later = Renditions(objects, local_copies=copies, index=index, quiet_seconds=0)
+    try:
+        assert later.rendered(located(laid_out), 1, Rendering(quality=50)).data.startswith(
+            b"\xff\xd8"
+        )
+    finally:
+        later.close()
+    assert located(laid_out).pixel_layout == newer
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "not json",
+        "[]",
+        "[1]",
+        '[1,0,4,4,1,16,12,0,1,[[2621444,"CS",["a list"]]],null]',
+        "[1,0,4,4,1,16,40,0,1,[],null]",
+        "[1,0,-4,4,1,16,12,0,1,[],null]",
+        "[1,0,4,4,1,16,12,0,1,[],[5,0]]",
+        "[1,0,4,4,1,16,12,0,1,[],[NaN,100]]",
+        "[1,0,4,4,1,16,12,0,1,{},null,7]",
+    ],
+)
+def test_layout_text_that_does_not_add_up_is_no_layout(damage: str) -> None:
+    """A damaged or hand-written row's layout is not used: the instance renders through
+    pydicom instead of an error or a wrong image."""
+    assert layout_from_text(damage) is None
+    assert layout_from_text("[1,0,4,4,1,16,12,0,1,[],[40.5,100.0]]") is not None
 
 
 def test_the_lane_and_the_routes_answer_alike(stored, s3_server) -> None:
