@@ -232,14 +232,15 @@ def _plain(value: object) -> str | int:
     raise TypeError(f"not a plain value: {type(value).__name__}")
 
 
+# The transfer syntaxes whose frames a `PixelLayout` can locate: native, little endian.
+LAID_OUT_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
 def pixel_layout(ds: Dataset, span: tuple[int, int] | None) -> PixelLayout | None:
     """The layout of `ds`'s frames, whose native pixel data value lies at `span` (start,
     length) of the file; None when the instance is not the plain case `PixelLayout`
     covers, or its attributes do not add up."""
-    if span is None or ds.file_meta.get("TransferSyntaxUID") not in (
-        ExplicitVRLittleEndian,
-        ImplicitVRLittleEndian,
-    ):
+    if span is None or ds.file_meta.get("TransferSyntaxUID") not in LAID_OUT_SYNTAXES:
         return None
     if any(keyword in ds for keyword in _NOT_PLAIN):
         return None

@@ -243,7 +243,6 @@ def render_laid_out(
         raise Undecodable(f"frame {number} cannot be rendered: {exc}") from exc
     if layout.samples_per_pixel == 3:  # 8 of 8 bits, unsigned (`pixel_layout`)
         return _shown(attributes, samples.reshape(*shape, 3), number, rendering)
-    unused = layout.bits_allocated - layout.bits_stored
     if layout.bits_stored <= TABLE_BITS_AT_MOST:
         patterns = _patterns(layout, samples.reshape(shape))
         try:
@@ -253,11 +252,12 @@ def render_laid_out(
         return encode(grey, rendering)
     pixels = samples.reshape(shape)
     if layout.signed:  # the sign is bit BitsStored - 1 (PS3.5 8.1.1)
+        unused = layout.bits_allocated - layout.bits_stored
         pixels = pixels.view(pixels.dtype.str.replace("u", "i"))
         if unused:
             pixels = (pixels << unused) >> unused
-    elif unused:
-        pixels = pixels & ((1 << layout.bits_stored) - 1)
+    else:
+        pixels = _patterns(layout, pixels)
     return _shown(attributes, pixels, number, rendering)
 
 

@@ -17,11 +17,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
 from storage import layout, metrics
 from storage.frames import FrameNotFound
-from storage.header import layout_from_text, layout_of
+from storage.header import LAID_OUT_SYNTAXES, layout_from_text, layout_of
 from storage.index import Index, IndexUnavailable
 from storage.ingest import StoreResult
 from storage.local_copies import LocalCopies
@@ -235,11 +233,10 @@ class Renditions:
     def _find_layout(self, item: Located, original: bytes) -> None:
         """Queue for the index the pixel layout of an instance stored before the index
         kept layouts, read from its bytes (once: one without a layout is remembered)."""
-        syntaxes = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
         if (
             self.index is None
             or item.pixel_layout  # one this version cannot read: a newer one wrote it
-            or item.transfer_syntax_uid not in syntaxes
+            or item.transfer_syntax_uid not in LAID_OUT_SYNTAXES
             or len(original) != item.size
         ):
             return
